@@ -1,0 +1,278 @@
+"""Every setting of the job, typed, documented and validated before any work.
+
+Settings come from environment variables (names as in the contract, section 4),
+and each can be overridden by a command-line flag of the same name in kebab case
+(`API_MAX_WORKERS` -> `--api-max-workers`). A bad value raises `ConfigError`
+naming the variable; secret values never appear in messages or in `redacted()`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from library.errors import ConfigError
+
+DEFAULT_ROW_BATCH_SIZE = 5000
+DEFAULT_API_BATCH_SIZE = 100
+DEFAULT_API_MAX_WORKERS = 5
+DEFAULT_DB_ROW_BATCH_SIZE = 1000
+DEFAULT_API_TIMEOUT = 30.0
+DEFAULT_API_MAX_RETRIES = 5
+DEFAULT_MAX_INVALID_RATIO = 0.05
+DEFAULT_MAX_FAILED_RATIO = 0.01
+DEFAULT_API_RETRY_BACKOFF = 0.5
+DEFAULT_API_RETRY_BACKOFF_MAX = 30.0
+DEFAULT_DB_FLUSH_INTERVAL = 5.0
+DEFAULT_EMBEDDED_DB_DIR = ".batch-pipeline/postgres"
+
+SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL"})
+
+
+class Settings(BaseModel):
+    """The job's configuration. Field names are the environment variables."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    SOURCE_URI: str | None = Field(
+        None,
+        description="What to read: s3://bucket/key, s3://bucket/prefix/, a local file or folder.",
+    )
+    KEY: str | None = Field(None, description="S3 / MinIO access key id.")
+    SECRET: SecretStr | None = Field(None, description="S3 / MinIO secret key (never printed).")
+    ENDPOINT_URL: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://minio:9000 (unset: AWS S3)."
+    )
+    DATABASE_URL: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL. Unset: an embedded local PostgreSQL is started (EMBEDDED_DB_DIR).",
+    )
+    ML_API_URL: str | None = Field(None, description="Base URL of the prediction API.")
+    ROW_BATCH_SIZE: int = Field(
+        DEFAULT_ROW_BATCH_SIZE,
+        ge=1,
+        le=1_000_000,
+        description="Rows read from the source per chunk.",
+    )
+    API_BATCH_SIZE: int = Field(
+        DEFAULT_API_BATCH_SIZE, ge=1, le=100_000, description="Transactions per API request."
+    )
+    API_MAX_WORKERS: int = Field(
+        DEFAULT_API_MAX_WORKERS, ge=1, le=256, description="API requests in flight at once."
+    )
+    DB_ROW_BATCH_SIZE: int = Field(
+        DEFAULT_DB_ROW_BATCH_SIZE,
+        ge=1,
+        le=1_000_000,
+        description="Rows accumulated per database flush (one transaction each).",
+    )
+    API_TIMEOUT: float = Field(
+        DEFAULT_API_TIMEOUT,
+        gt=0,
+        le=3600,
+        description="Seconds before one API request is abandoned.",
+    )
+    API_MAX_RETRIES: int = Field(
+        DEFAULT_API_MAX_RETRIES,
+        ge=0,
+        le=100,
+        description="Attempts after the first, for transient API failures.",
+    )
+    MAX_INVALID_RATIO: float = Field(
+        DEFAULT_MAX_INVALID_RATIO,
+        ge=0,
+        le=1,
+        description="Invalid rows / rows read above which the run stops as failed.",
+    )
+    MAX_FAILED_RATIO: float = Field(
+        DEFAULT_MAX_FAILED_RATIO,
+        ge=0,
+        le=1,
+        description="Failed / valid transactions above which the run stops as failed.",
+    )
+    API_RETRY_BACKOFF: float = Field(
+        DEFAULT_API_RETRY_BACKOFF,
+        ge=0,
+        le=600,
+        description="First retry delay in seconds; doubles each attempt, with full jitter.",
+    )
+    API_RETRY_BACKOFF_MAX: float = Field(
+        DEFAULT_API_RETRY_BACKOFF_MAX,
+        ge=0,
+        le=3600,
+        description="Longest wait between two attempts, Retry-After included.",
+    )
+    DB_FLUSH_INTERVAL: float = Field(
+        DEFAULT_DB_FLUSH_INTERVAL,
+        gt=0,
+        le=3600,
+        description="Seconds after which scored rows are flushed even if DB_ROW_BATCH_SIZE is not reached.",
+    )
+    EMBEDDED_DB_DIR: Path = Field(
+        Path(DEFAULT_EMBEDDED_DB_DIR),
+        description="Folder of the embedded PostgreSQL used when DATABASE_URL is unset.",
+    )
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log verbosity."
+    )
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("ML_API_URL", "ENDPOINT_URL")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            raise ValueError("has an invalid port") from exc
+        return value.rstrip("/")
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("SOURCE_URI")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if value.startswith("s3://"):
+            bucket = value[5:].split("/", 1)[0]
+            if not bucket:
+                raise ValueError(
+                    "an s3:// URI needs a bucket: s3://bucket/key or s3://bucket/prefix/"
+                )
+        elif "://" in value:
+            raise ValueError("must be s3://bucket/... or a local path")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_sizes(self) -> Settings:
+        if self.API_RETRY_BACKOFF_MAX < self.API_RETRY_BACKOFF:
+            raise ValueError("API_RETRY_BACKOFF_MAX must be >= API_RETRY_BACKOFF")
+        return self
+
+    # -- helpers ---------------------------------------------------------------
+
+    def __repr_args__(self) -> Any:
+        # repr() and str() go through redacted(): a token in a URL must not leak either.
+        return list(self.redacted().items())
+
+    @property
+    def database_url(self) -> str | None:
+        return self.DATABASE_URL.get_secret_value() if self.DATABASE_URL else None
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict safe to log or store: secrets replaced."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "DATABASE_URL" and value is not None:
+                value = redact_url(value.get_secret_value())
+            elif name in ("ML_API_URL", "ENDPOINT_URL") and value is not None:
+                value = redact_url(value)
+            elif isinstance(value, SecretStr):
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+    def secret_values(self) -> list[str]:
+        """Every secret string this configuration holds, for log redaction."""
+        secrets: list[str] = []
+        if self.SECRET:
+            secrets.append(self.SECRET.get_secret_value())
+        for url in (self.database_url, self.ML_API_URL, self.ENDPOINT_URL):
+            if url:
+                secrets.extend(url_secrets(url))
+        return [s for s in secrets if len(s) >= 3]
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:password@host/...` -> `scheme://user:***@host/...`."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = netloc.rsplit("@", 1)[-1]
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = parts.query
+    if "password=" in query:
+        query = "&".join(
+            "password=***" if kv.startswith("password=") else kv for kv in query.split("&")
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The password (and query-string password) a URL carries, if any."""
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    for kv in parts.query.split("&"):
+        if kv.startswith("password=") and len(kv) > len("password="):
+            found.append(kv[len("password=") :])
+    return found
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Settings from the environment, then `overrides` (CLI flags) on top.
+
+    Raises ConfigError with one line per bad variable, naming it, never echoing
+    a secret value.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        raw = env.get(name)
+        if raw is not None and raw != "":
+            values[name] = raw
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, values)) from None
+
+
+def describe_validation_error(exc: ValidationError, values: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        if name in values and name not in SECRET_FIELDS:
+            shown = values[name]
+            if name in ("ML_API_URL", "ENDPOINT_URL") and isinstance(shown, str):
+                shown = redact_url(shown)
+            lines.append(f"{name}: {message} (got {shown!r})")
+        else:
+            lines.append(f"{name}: {message}")
+    return "invalid configuration: " + "; ".join(lines)

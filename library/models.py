@@ -1,0 +1,155 @@
+"""The values that flow between the stages, in the one direction they flow.
+
+    SourceObject  --source-->  RowChunk  --validate-->  ValidatedChunk
+        --batching-->  WorkUnit  --score-->  ScoredUnit  --sink-->  PostgreSQL
+
+Rows travel in chunks as polars DataFrames (columnar, so validation, JSON
+encoding and COPY run over whole chunks instead of row by row). Every row keeps
+the physical line of the file where it starts (`LINE_COLUMN`), its lineage and
+the checkpoint of a resumed run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+LINE_COLUMN = "_line"
+
+
+@dataclass(frozen=True)
+class SourceObject:
+    """One input file: an S3 object or a local file, at one version."""
+
+    uri: str
+    version: str  # S3 ETag, or "size-mtime_ns" for a local file
+    size: int | None = None
+    index: int = 0  # position in the run's key order
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a row is invalid, naming the column (or "_row" for the row as a whole)."""
+
+    column: str
+    message: str
+    value: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"column": self.column, "message": self.message}
+        if self.value is not None:
+            out["value"] = self.value
+        return out
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    line_number: int
+    raw_text: str
+    reasons: tuple[Reason, ...]
+
+
+@dataclass
+class RowChunk:
+    """Up to ROW_BATCH_SIZE parsed rows of one object, still as text."""
+
+    obj: SourceObject
+    index: int
+    frame: pl.DataFrame  # the required columns as strings, plus LINE_COLUMN
+    raw_text: Sequence[str]  # the row's text as read, aligned with `frame`
+    malformed: list[InvalidRow]  # rows that could not be split into the header's fields
+    last_line: int  # the line where the chunk's last row starts
+
+    @property
+    def rows_read(self) -> int:
+        return self.frame.height + len(self.malformed)
+
+
+@dataclass
+class ValidatedChunk:
+    obj: SourceObject
+    index: int
+    valid: pl.DataFrame  # typed columns of the contract, plus LINE_COLUMN
+    invalid: list[InvalidRow]  # sorted by line
+    last_line: int
+
+
+@dataclass
+class WorkUnit:
+    """One API batch and the invalid rows beside it: the unit of ordering and checkpoints.
+
+    Units of an object cover consecutive line ranges; once a unit is written,
+    every row of its object starting at or before `checkpoint_line` is stored.
+    """
+
+    obj: SourceObject
+    seq: int  # position in the run; the sink writes units in this order
+    transactions: pl.DataFrame
+    invalid: list[InvalidRow]
+    checkpoint_line: int
+    chunk: int = 0  # the run's chunk number, for the per-chunk log line
+    last_of_chunk: bool = True
+
+    @property
+    def rows(self) -> int:
+        return self.transactions.height + len(self.invalid)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    transaction_id: str
+    fraud_score: float
+    is_fraud: bool
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    transaction_id: str
+    reason: str
+    http_status: int | None
+    attempts: int
+
+
+@dataclass
+class ScoreResult:
+    """What scoring one batch gave: every transaction either predicted or failed."""
+
+    predictions: list[Prediction] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    requests: int = 0
+    retries: int = 0
+
+    def merge(self, other: ScoreResult) -> None:
+        self.predictions.extend(other.predictions)
+        self.failures.extend(other.failures)
+        self.requests += other.requests
+        self.retries += other.retries
+
+
+@dataclass
+class Counts:
+    read: int = 0
+    valid: int = 0
+    invalid: int = 0
+    scored: int = 0
+    failed: int = 0
+
+    def add(self, other: Counts) -> None:
+        self.read += other.read
+        self.valid += other.valid
+        self.invalid += other.invalid
+        self.scored += other.scored
+        self.failed += other.failed
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "read": self.read,
+            "valid": self.valid,
+            "invalid": self.invalid,
+            "scored": self.scored,
+            "failed": self.failed,
+        }
