@@ -1,0 +1,250 @@
+"""The database boundary: connections, error classification, migrations, embedded server.
+
+psycopg errors are classified here, once: a lost connection, a deadlock or a
+serialization failure is transient (the caller retries the whole flush, which
+is one transaction); anything else stops the run.
+
+Migrations are the Flyway-style files in `sql/` (`V1__create_tables.sql`, ...),
+recorded in Flyway's own `flyway_schema_history` table with Flyway's checksum,
+so `batch-pipeline migrate` and a Flyway container agree on what is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from library.config import redact_url
+from library.errors import DatabaseError, SchemaNotReadyError, TransientDatabaseError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_SECONDS = 10
+HISTORY_TABLE = "flyway_schema_history"
+_MIGRATION_NAME = re.compile(r"V(\d+(?:[._]\d+)*)__(.+)\.sql")
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,  # connection lost, server shutting down, ...
+    pg_errors.SerializationFailure,
+    pg_errors.DeadlockDetected,
+    pg_errors.LockNotAvailable,
+    pg_errors.AdminShutdown,
+    pg_errors.CannotConnectNow,
+)
+
+
+def classify(exc: BaseException, doing: str) -> DatabaseError:
+    """A psycopg error as TransientDatabaseError or DatabaseError, with a clear message."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return TransientDatabaseError(f"database error while {doing}: {detail}")
+    return DatabaseError(f"database error while {doing}: {type(exc).__name__}: {detail}")
+
+
+def connect(url: str, application_name: str = "batch-pipeline") -> psycopg.Connection[Any]:
+    try:
+        # Autocommit: every unit of work opens its own explicit transaction.
+        return psycopg.connect(
+            url,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=application_name,
+            autocommit=True,
+        )
+    except psycopg.Error as exc:
+        raise DatabaseError(
+            f"cannot connect to the database at {redact_url(url)}: {first_line(exc)}; "
+            "check DATABASE_URL and that PostgreSQL is running"
+        ) from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def with_retries(
+    action: Callable[[], T],
+    doing: str,
+    attempts: int = 5,
+    first_delay: float = 0.5,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
+    """Run `action` (one whole database transaction), retrying transient failures."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except psycopg.Error as exc:
+            error = classify(exc, doing)
+            if not isinstance(error, TransientDatabaseError) or attempt == attempts:
+                raise error from None
+            log.warning("%s (attempt %d of %d); retrying in %.1fs", error, attempt, attempts, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            if on_retry:
+                on_retry()
+    raise AssertionError("unreachable")
+
+
+# -- migrations ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    description: str
+    path: Path
+
+    @property
+    def script(self) -> str:
+        return self.path.name
+
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+    def checksum(self) -> int:
+        """Flyway's checksum: CRC32 over the UTF-8 bytes of each line, line ends excluded."""
+        crc = 0
+        text = self.sql()
+        text = text.removeprefix("\ufeff")
+        for line in text.splitlines():
+            crc = zlib.crc32(line.encode("utf-8"), crc)
+        return crc - (1 << 32) if crc >= 1 << 31 else crc
+
+
+def migrations_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the sql/ migrations folder is missing from this installation")
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.split(r"[._]", version))
+
+
+def available_migrations(folder: Path | None = None) -> list[Migration]:
+    found = []
+    for path in (folder or migrations_dir()).glob("V*__*.sql"):
+        match = _MIGRATION_NAME.fullmatch(path.name)
+        if match:
+            found.append(
+                Migration(match.group(1).replace("_", "."), match.group(2).replace("_", " "), path)
+            )
+    return sorted(found, key=lambda m: version_key(m.version))
+
+
+def applied_versions(conn: psycopg.Connection[Any]) -> set[str]:
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (HISTORY_TABLE,)).fetchone()
+    if not exists or not exists[0]:
+        return set()
+    rows = conn.execute(
+        f"SELECT version FROM {HISTORY_TABLE} WHERE success AND version IS NOT NULL"
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def pending_migrations(conn: psycopg.Connection[Any]) -> list[Migration]:
+    applied = applied_versions(conn)
+    return [m for m in available_migrations() if m.version not in applied]
+
+
+def migrate(conn: psycopg.Connection[Any]) -> list[Migration]:
+    """Apply every pending migration, each in its own transaction; return those applied."""
+    applied: list[Migration] = []
+    with conn.transaction():
+        # One migrator at a time: two jobs started together must not both apply V1.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('batch-pipeline:migrate'))")
+        conn.execute(
+            f"""CREATE TABLE IF NOT EXISTS {HISTORY_TABLE} (
+                installed_rank integer PRIMARY KEY,
+                version varchar(50),
+                description varchar(200) NOT NULL,
+                type varchar(20) NOT NULL,
+                script varchar(1000) NOT NULL,
+                checksum integer,
+                installed_by varchar(100) NOT NULL,
+                installed_on timestamp NOT NULL DEFAULT now(),
+                execution_time integer NOT NULL,
+                success boolean NOT NULL)"""
+        )
+    for migration in available_migrations():
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('batch-pipeline:migrate'))")
+            if migration.version in applied_versions(conn):
+                continue
+            began = time.perf_counter()
+            try:
+                conn.execute(migration.sql().encode())
+            except psycopg.Error as exc:
+                raise DatabaseError(
+                    f"migration {migration.script} failed: {first_line(exc)}"
+                ) from None
+            elapsed_ms = int((time.perf_counter() - began) * 1000)
+            conn.execute(
+                f"""INSERT INTO {HISTORY_TABLE}
+                    (installed_rank, version, description, type, script, checksum,
+                     installed_by, execution_time, success)
+                    SELECT COALESCE(MAX(installed_rank), 0) + 1, %s, %s, 'SQL', %s, %s,
+                           current_user, %s, true FROM {HISTORY_TABLE}""",
+                (
+                    migration.version,
+                    migration.description,
+                    migration.script,
+                    migration.checksum(),
+                    elapsed_ms,
+                ),
+            )
+        applied.append(migration)
+        log.info("applied migration %s", migration.script)
+    return applied
+
+
+def require_schema(conn: psycopg.Connection[Any]) -> None:
+    pending = pending_migrations(conn)
+    if pending:
+        names = ", ".join(m.script for m in pending)
+        raise SchemaNotReadyError(
+            f"the database is not migrated (pending: {names}); "
+            "run `batch-pipeline migrate` first, or pass --migrate"
+        )
+
+
+# -- embedded PostgreSQL -------------------------------------------------------
+
+
+@contextmanager
+def embedded_postgres(folder: Path) -> Iterator[str]:
+    """Start (or reuse) the embedded PostgreSQL in `folder`; yield its URL.
+
+    pgserver ships real PostgreSQL binaries; the server is stopped when the last
+    process using it exits.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import pgserver
+
+    folder = folder.expanduser().resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        server = pgserver.get_server(folder, cleanup_mode="stop")  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise DatabaseError(
+            f"cannot start the embedded PostgreSQL in {folder}: {first_line(exc)}; "
+            "set DATABASE_URL to use your own PostgreSQL"
+        ) from None
+    yield server.get_uri()

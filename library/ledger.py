@@ -1,0 +1,203 @@
+"""The ledger: runs, source objects (lineage), checkpoints and object locks.
+
+State lives in the database, never only in the process: a run that dies
+leaves its objects `processing` with the checkpoint of its last flush, and the
+next run resumes them from there. Two runs never work on the same object at
+once: each object is guarded by a PostgreSQL session advisory lock held by the
+run's ledger connection, released when the object is done or when the
+connection dies with its process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+import psycopg
+
+from library.models import Counts, SourceObject
+
+log = logging.getLogger(__name__)
+
+RunStatus = Literal["processing", "completed", "completed_with_errors", "failed", "interrupted"]
+ClaimStatus = Literal["new", "resume", "completed", "locked"]
+
+
+def run_id_base(now: datetime) -> str:
+    return now.strftime("batch_%Y%m%d_%H%M%S")
+
+
+def object_lock_key(obj: SourceObject) -> str:
+    return f"batch-pipeline:object:{obj.uri}"
+
+
+@dataclass
+class Claim:
+    status: ClaimStatus
+    checkpoint_line: int = 1
+    prior: Counts | None = None  # counts already stored for this object version
+    held_by: str | None = None  # the run holding the lock, when locked
+
+
+class Ledger:
+    """Run and object bookkeeping on the run's own connection (autocommit)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn  # autocommit: each statement stands alone
+
+    def start_run(self, now: datetime, source_uri: str | None, settings: dict[str, Any]) -> str:
+        """Insert the run row; the id is unique even for two runs started in one second."""
+        base = run_id_base(now)
+        for n in range(1, 1000):
+            run_id = base if n == 1 else f"{base}_{n}"
+            row = self.conn.execute(
+                """INSERT INTO pipeline_runs (run_id, status, source_uri, settings)
+                   VALUES (%s, 'processing', %s, %s)
+                   ON CONFLICT (run_id) DO NOTHING RETURNING run_id""",
+                (run_id, source_uri, orjson.dumps(settings).decode()),
+            ).fetchone()
+            if row:
+                self.conn.execute(
+                    "SELECT set_config('application_name', %s, false)",
+                    (f"batch-pipeline {run_id} {socket.gethostname()}"[:63],),
+                )
+                return run_id
+        raise RuntimeError("could not allocate a run id")
+
+    def set_objects_total(self, run_id: str, total: int) -> None:
+        self.conn.execute(
+            "UPDATE pipeline_runs SET objects_total = %s WHERE run_id = %s", (total, run_id)
+        )
+
+    def claim(self, run_id: str, obj: SourceObject, reprocess: bool = False) -> Claim:
+        """Lock an object for this run and say where to start reading it."""
+        locked = self.conn.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (object_lock_key(obj),)
+        ).fetchone()
+        if not locked or not locked[0]:
+            holder = self.conn.execute(
+                """SELECT run_id FROM source_objects WHERE source_uri = %s
+                   AND status = 'processing' ORDER BY started_at DESC LIMIT 1""",
+                (obj.uri,),
+            ).fetchone()
+            return Claim("locked", held_by=holder[0] if holder else None)
+        row = self.conn.execute(
+            """SELECT status, checkpoint_line, rows_read, rows_valid, rows_invalid,
+                      rows_scored, rows_failed
+               FROM source_objects WHERE source_uri = %s AND source_version = %s""",
+            (obj.uri, obj.version),
+        ).fetchone()
+        if row is not None and row[0] == "completed" and not reprocess:
+            self.release(obj)
+            return Claim("completed", checkpoint_line=row[1])
+        if row is None or row[0] == "completed":  # new, or reprocessing from the top
+            self.conn.execute(
+                """INSERT INTO source_objects (source_uri, source_version, size_bytes, run_id)
+                   VALUES (%s, %s, %s, %s)
+                   ON CONFLICT (source_uri, source_version) DO UPDATE SET
+                     status = 'processing', run_id = EXCLUDED.run_id, checkpoint_line = 1,
+                     rows_read = 0, rows_valid = 0, rows_invalid = 0, rows_scored = 0,
+                     rows_failed = 0, error = NULL, started_at = now(), finished_at = NULL""",
+                (obj.uri, obj.version, obj.size, run_id),
+            )
+            return Claim("new")
+        self.conn.execute(
+            """UPDATE source_objects SET status = 'processing', run_id = %s, error = NULL,
+                   finished_at = NULL
+               WHERE source_uri = %s AND source_version = %s""",
+            (run_id, obj.uri, obj.version),
+        )
+        prior = Counts(read=row[2], valid=row[3], invalid=row[4], scored=row[5], failed=row[6])
+        return Claim("resume", checkpoint_line=row[1], prior=prior)
+
+    def release(self, obj: SourceObject) -> None:
+        self.conn.execute(
+            "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (object_lock_key(obj),)
+        )
+
+    def finish_run(
+        self,
+        run_id: str,
+        status: RunStatus,
+        error: str | None,
+        summary: dict[str, Any] | None,
+        model_version: str | None,
+    ) -> None:
+        self.conn.execute(
+            """UPDATE pipeline_runs SET status = %s, finished_at = now(), heartbeat_at = now(),
+                   error = %s, summary = %s, model_version = COALESCE(%s, model_version)
+               WHERE run_id = %s""",
+            (
+                status,
+                error,
+                orjson.dumps(summary).decode() if summary is not None else None,
+                model_version,
+                run_id,
+            ),
+        )
+
+
+# -- written by the sink, inside its flush transaction -------------------------
+
+
+def record_object_progress(
+    cur: psycopg.Cursor[Any],
+    obj: SourceObject,
+    checkpoint_line: int,
+    counts: Counts,
+    status: Literal["processing", "completed", "failed"],
+    error: str | None,
+) -> None:
+    cur.execute(
+        """UPDATE source_objects SET checkpoint_line = %s, rows_read = %s, rows_valid = %s,
+               rows_invalid = %s, rows_scored = %s, rows_failed = %s, status = %s, error = %s,
+               finished_at = CASE WHEN %s = 'processing' THEN NULL ELSE now() END
+           WHERE source_uri = %s AND source_version = %s""",
+        (
+            checkpoint_line,
+            counts.read,
+            counts.valid,
+            counts.invalid,
+            counts.scored,
+            counts.failed,
+            status,
+            error,
+            status,
+            obj.uri,
+            obj.version,
+        ),
+    )
+
+
+def record_run_progress(
+    cur: psycopg.Cursor[Any],
+    run_id: str,
+    counts: Counts,
+    objects_done: int,
+    objects_failed: int,
+    objects_skipped: int,
+    model_version: str | None,
+) -> None:
+    cur.execute(
+        """UPDATE pipeline_runs SET rows_read = %s, rows_valid = %s, rows_invalid = %s,
+               rows_scored = %s, rows_failed = %s, objects_done = %s, objects_failed = %s,
+               objects_skipped = %s, model_version = COALESCE(%s, model_version),
+               heartbeat_at = now()
+           WHERE run_id = %s""",
+        (
+            counts.read,
+            counts.valid,
+            counts.invalid,
+            counts.scored,
+            counts.failed,
+            objects_done,
+            objects_failed,
+            objects_skipped,
+            model_version,
+            run_id,
+        ),
+    )

@@ -1,0 +1,292 @@
+"""Score stage: one pooled keep-alive HTTP client for the model API.
+
+`ScoringClient.score(batch)` never raises for a problem with the request: every
+transaction comes back either predicted or failed, with the reason and the
+attempts made. What it does, in order:
+
+* Transient failures (connection errors, timeouts, 408, 425, 429, 5xx, a
+  malformed answer) are retried with tenacity: exponential backoff with full
+  jitter, `Retry-After` honoured, at most API_MAX_RETRIES retries.
+* 400, 413 and 422 mean the service refused something in the request: not
+  retried; the batch is split in halves, recursively, so that every good
+  transaction is still scored and only the rejected ones fail.
+* Other 4xx (401, 403, 404, ...) would refuse every request alike: the run
+  stops with `ApiUnavailableError` instead of failing every row.
+* If a batch exhausts its retries on connection errors, timeouts or 5xx while
+  no request has succeeded since it started, the service is down, not flaky: `ApiUnavailableError` stops the run
+  (its rows are not written, so the next run reads them again). Otherwise the
+  batch's transactions are failed rows that `retry-failed` can score later.
+
+Every third-party exception (urllib3, sockets) is classified here, once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import polars as pl
+import tenacity
+import urllib3
+
+from library.config import redact_url
+from library.errors import (
+    ApiError,
+    ApiUnavailableError,
+    PipelineError,
+    RejectedBatchError,
+    TransientApiError,
+)
+from library.models import Failure, Prediction, ScoreResult
+from library.score.codec import Codec, MalformedResponse
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
+REJECTED_STATUSES = frozenset({400, 413, 422})
+MAX_BODY_IN_REASON = 300
+
+
+class ScoringStopped(PipelineError):
+    """Scoring was stopped (interrupt, or the API is down); the batch was not scored."""
+
+
+def retry_after_seconds(
+    value: str | None, now: Callable[[], datetime] | None = None
+) -> float | None:
+    """`Retry-After` as seconds: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = now() if now else datetime.now(UTC)
+    return max(0.0, (when - current).total_seconds())
+
+
+def classify_response(
+    status: int, body: bytes, headers: urllib3.HTTPHeaderDict, url: str
+) -> ApiError:
+    snippet = body[:MAX_BODY_IN_REASON].decode("utf-8", "replace").strip()
+    if status in TRANSIENT_STATUSES:
+        retry_after = (
+            retry_after_seconds(headers.get("Retry-After")) if status in (429, 503) else None
+        )
+        return TransientApiError(f"HTTP {status} {snippet}".rstrip(), status, retry_after)
+    if status in REJECTED_STATUSES:
+        return RejectedBatchError(f"rejected by the ML API (HTTP {status}): {snippet}", status)
+    raise ApiUnavailableError(
+        f"the ML API answered HTTP {status} to POST {url}: {snippet or 'no body'}; "
+        "check ML_API_URL (and ML_API_TOKEN if the service needs one)"
+    )
+
+
+@dataclass
+class ClientStats:
+    """Counters shared by the worker threads (read by the summary and the metrics)."""
+
+    requests: int = 0
+    retries: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    latency_total: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, status: str, latency: float) -> None:
+        with self.lock:
+            self.requests += 1
+            self.by_status[status] += 1
+            self.latency_total += latency
+
+
+class ScoringClient:
+    def __init__(
+        self,
+        base_url: str,
+        codec: Codec,
+        *,
+        timeout: float,
+        max_retries: int,
+        backoff: float,
+        backoff_max: float,
+        pool_size: int,
+        token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.codec = codec
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + codec.predict_path
+        self.display_url = redact_url(self.url)
+        self.max_retries = max_retries
+        self.stats = ClientStats()
+        self._clock = clock
+        self._backoff = backoff
+        self._backoff_max = backoff_max
+        self._stop = threading.Event()
+        self._stop_reason: str | None = None
+        self._last_success: float | None = None
+        self._lock = threading.Lock()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._pool = urllib3.PoolManager(
+            num_pools=2,
+            maxsize=pool_size,
+            block=True,  # never more connections than workers
+            retries=False,  # tenacity decides
+            timeout=urllib3.Timeout(total=timeout),
+            headers=headers,
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Stop retrying and refuse new batches (interrupt, or the run is failing)."""
+        with self._lock:
+            if self._stop_reason is None:
+                self._stop_reason = reason
+        self._stop.set()
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    def check_ready(self) -> None:
+        """GET the health endpoint once; raise ApiUnavailableError unless it answers 2xx."""
+        url = self.base_url + self.codec.health_path
+        try:
+            response = self._pool.request("GET", url, timeout=urllib3.Timeout(total=10))
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ApiUnavailableError(
+                f"cannot reach the ML API at {redact_url(url)}: {describe_transport_error(exc)}; "
+                "check ML_API_URL and that the service is running"
+            ) from None
+        if not 200 <= response.status < 300:
+            raise ApiUnavailableError(
+                f"the ML API at {redact_url(url)} is not ready: HTTP {response.status}"
+            )
+
+    # -- scoring ---------------------------------------------------------------
+
+    def score(self, batch: pl.DataFrame) -> ScoreResult:
+        """Score one batch; every transaction ends predicted or failed."""
+        ids = batch.get_column("transaction_id")
+        if ids.n_unique() < batch.height:
+            # The same id twice in one request would be ambiguous: send the latest row.
+            batch = batch.unique(subset=["transaction_id"], keep="last", maintain_order=True)
+        result = ScoreResult()
+        self._score_into(batch, result)
+        return result
+
+    def _score_into(self, batch: pl.DataFrame, result: ScoreResult) -> None:
+        ids = batch.get_column("transaction_id").to_list()
+        started = self._clock()
+        attempts = 0
+        try:
+            for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(TransientApiError),
+                stop=tenacity.stop_after_attempt(self.max_retries + 1),
+                wait=self._wait,
+                sleep=self._sleep,
+                before_sleep=self._log_retry,
+                reraise=True,
+            ):
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    if attempts > 1:
+                        with self.stats.lock:
+                            self.stats.retries += 1
+                        result.retries += 1
+                    result.requests += 1
+                    result.predictions.extend(self._post(batch, ids))
+        except RejectedBatchError as exc:
+            if len(ids) == 1:
+                result.failures.append(Failure(ids[0], str(exc), exc.status, attempts))
+                return
+            middle = len(ids) // 2
+            self._score_into(batch.slice(0, middle), result)
+            self._score_into(batch.slice(middle), result)
+        except TransientApiError as exc:
+            # A malformed answer comes from a service that is up: its rows fail, the run goes on.
+            if not isinstance(exc, MalformedResponse) and self._down_since(started):
+                raise ApiUnavailableError(
+                    f"the ML API at {self.display_url} is unavailable: {exc} "
+                    f"after {attempts} attempts, and no request has succeeded since"
+                ) from None
+            reason = f"ML API failed after {attempts} attempts: {exc}"
+            result.failures.extend(Failure(tid, reason, exc.status, attempts) for tid in ids)
+
+    def _post(self, batch: pl.DataFrame, ids: list[str]) -> list[Prediction]:
+        if self._stop.is_set():
+            raise ScoringStopped(self._stop_reason or "scoring stopped")
+        body = self.codec.encode(batch)
+        began = time.perf_counter()
+        try:
+            response = self._pool.request("POST", self.url, body=body)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            self.stats.record("error", time.perf_counter() - began)
+            raise TransientApiError(describe_transport_error(exc)) from None
+        self.stats.record(str(response.status), time.perf_counter() - began)
+        if response.status != 200:
+            raise classify_response(response.status, response.data, response.headers, self.url)
+        predictions = self.codec.decode(response.data, ids)
+        with self._lock:
+            self._last_success = self._clock()
+        return predictions
+
+    def _down_since(self, started: float) -> bool:
+        with self._lock:
+            return self._last_success is None or self._last_success < started
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            return min(exc.retry_after, self._backoff_max)
+        exponential = tenacity.wait_random_exponential(
+            multiplier=self._backoff, max=self._backoff_max
+        )
+        return float(exponential(state))
+
+    def _sleep(self, seconds: float) -> None:
+        # An interrupt must not wait out a long backoff.
+        if self._stop.wait(seconds):
+            raise ScoringStopped(self._stop_reason or "scoring stopped")
+
+    def _log_retry(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "ML API request failed (attempt %d of %d): %s; retrying in %.1fs",
+            state.attempt_number,
+            self.max_retries + 1,
+            exc,
+            delay,
+        )
+
+
+def describe_transport_error(exc: BaseException) -> str:
+    """urllib3 and socket errors as one readable line, without the request's body."""
+    reason = getattr(exc, "reason", None)
+    inner = reason if isinstance(reason, BaseException) else exc
+    if isinstance(inner, urllib3.exceptions.NewConnectionError | ConnectionRefusedError) or (
+        "Connection refused" in str(inner)
+    ):
+        return "connection refused"
+    if isinstance(inner, urllib3.exceptions.TimeoutError | TimeoutError):
+        return "timed out"
+    if isinstance(inner, urllib3.exceptions.ProtocolError):
+        return "connection dropped: " + str(inner.args[0] if inner.args else inner)
+    text = str(inner)
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__

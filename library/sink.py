@@ -1,0 +1,419 @@
+"""Sink stage: scored units -> PostgreSQL, one database transaction per flush.
+
+A flush writes, together and atomically: the transactions (valid rows, scored
+or not), their predictions, the failures, the invalid rows, each touched
+object's checkpoint and the run's counts. A crash therefore leaves either the
+whole flush or none of it, and the checkpoint always says exactly which rows
+are stored.
+
+Writing uses PostgreSQL's fast path: COPY into temporary staging tables, then
+one `INSERT ... ON CONFLICT DO UPDATE` per table. A transaction_id repeated in
+a flush is reduced to its latest row first (the latest row wins, and ON
+CONFLICT never meets the same key twice). Units arrive in source order, so the
+latest row of a run is also the last one written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+import polars as pl
+import psycopg
+
+from library import db, ledger
+from library.models import LINE_COLUMN, Counts, ScoreResult, SourceObject, WorkUnit
+
+log = logging.getLogger(__name__)
+
+TRANSACTION_COLUMNS = (
+    "transaction_id",
+    "event_time",
+    "account_id",
+    "merchant_id",
+    "merchant_category",
+    "amount",
+    "currency",
+    "country",
+    "channel",
+    "card_present",
+    "source_uri",
+    "source_version",
+    "source_line",
+)
+
+STAGING_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS stage_transactions (
+    transaction_id text, event_time timestamptz, account_id text, merchant_id text,
+    merchant_category text, amount numeric(12, 2), currency text, country text,
+    channel text, card_present boolean, source_uri text, source_version text,
+    source_line bigint
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_predictions (
+    transaction_id text, model_version text, fraud_score double precision, prediction boolean
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_failures (
+    transaction_id text, model_version text, reason text, http_status integer, attempts integer
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_invalid (
+    source_uri text, source_version text, line_number bigint, raw_text text, reasons jsonb
+) ON COMMIT DELETE ROWS;
+"""
+
+_DATA_COLUMNS = TRANSACTION_COLUMNS[1:10]
+UPSERT_TRANSACTIONS = f"""
+INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS)}, run_id)
+SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM stage_transactions
+ORDER BY transaction_id
+ON CONFLICT (transaction_id) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in TRANSACTION_COLUMNS[1:])},
+    run_id = EXCLUDED.run_id, updated_at = now()
+WHERE ({", ".join(f"transactions.{c}" for c in TRANSACTION_COLUMNS[1:])})
+    IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in TRANSACTION_COLUMNS[1:])})
+"""
+
+UPSERT_PREDICTIONS = """
+INSERT INTO predictions (transaction_id, model_version, fraud_score, prediction, run_id)
+SELECT transaction_id, model_version, fraud_score, prediction, %(run_id)s FROM stage_predictions
+ORDER BY transaction_id
+ON CONFLICT (transaction_id, model_version) DO UPDATE SET
+    fraud_score = EXCLUDED.fraud_score, prediction = EXCLUDED.prediction,
+    run_id = EXCLUDED.run_id, scored_at = now()
+WHERE (predictions.fraud_score, predictions.prediction)
+    IS DISTINCT FROM (EXCLUDED.fraud_score, EXCLUDED.prediction)
+"""
+
+# Scored now: any open failure of the transaction is resolved.
+RESOLVE_FAILURES = """
+UPDATE failed_transactions f SET resolved_at = now(), resolved_by_run = %(run_id)s
+FROM stage_predictions s
+WHERE f.transaction_id = s.transaction_id AND f.resolved_at IS NULL
+"""
+
+# Failed now: the prediction of the same model version described an older row.
+DELETE_STALE_PREDICTIONS = """
+DELETE FROM predictions p USING stage_failures s
+WHERE p.transaction_id = s.transaction_id AND p.model_version = s.model_version
+"""
+
+UPSERT_FAILURES = """
+INSERT INTO failed_transactions (transaction_id, model_version, reason, http_status, attempts, run_id)
+SELECT transaction_id, model_version, reason, http_status, attempts, %(run_id)s FROM stage_failures
+ORDER BY transaction_id
+ON CONFLICT (transaction_id) WHERE resolved_at IS NULL DO UPDATE SET
+    model_version = EXCLUDED.model_version, reason = EXCLUDED.reason,
+    http_status = EXCLUDED.http_status, attempts = EXCLUDED.attempts,
+    run_id = EXCLUDED.run_id, failed_at = now()
+"""
+
+INSERT_INVALID = """
+INSERT INTO invalid_rows (source_uri, source_version, line_number, raw_text, reasons, run_id)
+SELECT source_uri, source_version, line_number, raw_text, reasons, %(run_id)s FROM stage_invalid
+ON CONFLICT (source_uri, source_version, line_number) DO NOTHING
+"""
+
+ObjectStatus = Literal["processing", "completed", "failed"]
+
+
+@dataclass
+class ObjectProgress:
+    obj: SourceObject
+    counts: Counts
+    checkpoint_line: int
+    status: ObjectStatus = "processing"
+    error: str | None = None
+
+
+@dataclass
+class FlushBuffer:
+    units: list[tuple[WorkUnit, ScoreResult]] = field(default_factory=list)
+    rows: int = 0
+    touched: dict[tuple[str, str], ObjectProgress] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.units.clear()
+        self.rows = 0
+        self.touched.clear()
+
+
+@dataclass
+class RunProgress:
+    counts: Counts = field(default_factory=Counts)
+    objects_done: int = 0
+    objects_failed: int = 0
+    objects_skipped: int = 0
+    flushes: int = 0
+    flush_seconds: float = 0.0
+    model_version: str | None = None
+
+
+class Sink:
+    """Buffers scored units in order and writes them, one transaction per flush."""
+
+    def __init__(self, database_url: str, run_id: str, flush_rows: int) -> None:
+        self.database_url = database_url
+        self.run_id = run_id
+        self.flush_rows = flush_rows
+        self.run = RunProgress()
+        self._objects: dict[tuple[str, str], ObjectProgress] = {}
+        self._buffer = FlushBuffer()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self.database_url, "batch-pipeline sink")
+            with self._conn.transaction():
+                self._conn.execute(STAGING_DDL)
+        return self._conn
+
+    def _reconnect(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+    # -- input, in source order ------------------------------------------------
+
+    def begin_object(self, obj: SourceObject, checkpoint_line: int, prior: Counts | None) -> None:
+        counts = Counts()
+        if prior is not None:
+            counts.add(prior)
+        self._objects[(obj.uri, obj.version)] = ObjectProgress(obj, counts, checkpoint_line)
+
+    def skip_object(self) -> None:
+        self.run.objects_skipped += 1
+
+    def add(self, unit: WorkUnit, result: ScoreResult) -> None:
+        progress = self._objects[(unit.obj.uri, unit.obj.version)]
+        progress.checkpoint_line = max(progress.checkpoint_line, unit.checkpoint_line)
+        self._buffer.units.append((unit, result))
+        self._buffer.rows += unit.rows
+        self._buffer.touched[(unit.obj.uri, unit.obj.version)] = progress
+        if self._buffer.rows >= self.flush_rows:
+            self.flush()
+
+    def end_object(self, obj: SourceObject, error: str | None = None) -> None:
+        """The object is fully read (or failed): mark it in the next flush, written now."""
+        progress = self._objects[(obj.uri, obj.version)]
+        progress.status = "failed" if error else "completed"
+        progress.error = error
+        self._buffer.touched[(obj.uri, obj.version)] = progress
+        self.flush()
+        del self._objects[(obj.uri, obj.version)]
+
+    @property
+    def pending_rows(self) -> int:
+        return self._buffer.rows
+
+    # -- writing ---------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write everything buffered in one transaction, retrying a lost connection."""
+        if not self._buffer.units and not self._buffer.touched:
+            return
+        batch = self._prepare()
+        db.with_retries(lambda: self._write(batch), "writing a flush", on_retry=self._reconnect)
+        self._account(batch)
+        self._buffer.clear()
+
+    def _prepare(self) -> PreparedFlush:
+        return PreparedFlush.build(self._buffer, self.run.model_version)
+
+    def _write(self, batch: PreparedFlush) -> None:
+        began = time.perf_counter()
+        conn = self._connection()
+        params = {"run_id": self.run_id}
+        with conn.transaction(), conn.cursor() as cur:
+            if batch.transactions.height:
+                copy_frame(cur, "stage_transactions", batch.transactions)
+                cur.execute(UPSERT_TRANSACTIONS, params)
+            if batch.failures.height:
+                copy_frame(cur, "stage_failures", batch.failures)
+                cur.execute(DELETE_STALE_PREDICTIONS)
+                cur.execute(UPSERT_FAILURES, params)
+            if batch.predictions.height:
+                copy_frame(cur, "stage_predictions", batch.predictions)
+                cur.execute(UPSERT_PREDICTIONS, params)
+                cur.execute(RESOLVE_FAILURES, params)
+            if batch.invalid:
+                with cur.copy(
+                    "COPY stage_invalid (source_uri, source_version, line_number, raw_text, reasons)"
+                    " FROM STDIN"
+                ) as copy:
+                    for row in batch.invalid:
+                        copy.write_row(row)
+                cur.execute(INSERT_INVALID, params)
+            counts = Counts()
+            counts.add(self.run.counts)
+            counts.add(batch.counts)
+            for progress, delta in batch.objects:
+                obj_counts = Counts()
+                obj_counts.add(progress.counts)
+                obj_counts.add(delta)
+                ledger.record_object_progress(
+                    cur,
+                    progress.obj,
+                    progress.checkpoint_line,
+                    obj_counts,
+                    progress.status,
+                    progress.error,
+                )
+            ledger.record_run_progress(
+                cur,
+                self.run_id,
+                counts,
+                self.run.objects_done + batch.objects_completed,
+                self.run.objects_failed + batch.objects_failed,
+                self.run.objects_skipped,
+                batch.model_version,
+            )
+        self.run.flush_seconds += time.perf_counter() - began
+
+    def _account(self, batch: PreparedFlush) -> None:
+        """After commit: fold the flush into the in-memory totals."""
+        self.run.counts.add(batch.counts)
+        self.run.objects_done += batch.objects_completed
+        self.run.objects_failed += batch.objects_failed
+        self.run.flushes += 1
+        if batch.model_version:
+            self.run.model_version = batch.model_version
+        for progress, delta in batch.objects:
+            progress.counts.add(delta)
+        if batch.transactions.height:
+            log.debug("flushed %d transactions", batch.transactions.height)
+
+
+def copy_frame(cur: psycopg.Cursor[Any], table: str, frame: pl.DataFrame) -> None:
+    """COPY a frame as CSV text: polars formats it in one pass, no Python per row."""
+    text = frame.write_csv(
+        include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%:z", null_value=""
+    )
+    with cur.copy(f"COPY {table} ({', '.join(frame.columns)}) FROM STDIN (FORMAT csv)") as copy:
+        copy.write(text)
+
+
+@dataclass
+class PreparedFlush:
+    transactions: pl.DataFrame
+    predictions: pl.DataFrame
+    failures: pl.DataFrame
+    invalid: list[tuple[str, str, int, str, str]]
+    counts: Counts
+    objects: list[tuple[ObjectProgress, Counts]]
+    objects_completed: int
+    objects_failed: int
+    model_version: str | None
+
+    @classmethod
+    def build(cls, buffer: FlushBuffer, known_version: str | None) -> PreparedFlush:
+        frames: list[pl.DataFrame] = []
+        outcomes: list[
+            tuple[str, str | None, float | None, bool | None, str | None, int | None, int | None]
+        ] = []
+        invalid: list[tuple[str, str, int, str, str]] = []
+        counts = Counts()
+        deltas: dict[tuple[str, str], Counts] = {}
+        model_version = known_version
+        for _unit, result in buffer.units:
+            for p in result.predictions:
+                model_version = p.model_version
+        for unit, result in buffer.units:
+            obj = unit.obj
+            delta = deltas.setdefault((obj.uri, obj.version), Counts())
+            tx = unit.transactions
+            if tx.height:
+                frames.append(
+                    tx.select(
+                        *TRANSACTION_COLUMNS[:10],
+                        pl.lit(obj.uri).alias("source_uri"),
+                        pl.lit(obj.version).alias("source_version"),
+                        pl.col(LINE_COLUMN).alias("source_line"),
+                    )
+                )
+            predicted = {p.transaction_id for p in result.predictions}
+            failed = {f.transaction_id for f in result.failures}
+            for p in result.predictions:
+                outcomes.append(
+                    (p.transaction_id, p.model_version, p.fraud_score, p.is_fraud, None, None, None)
+                )
+            for f in result.failures:
+                outcomes.append(
+                    (
+                        f.transaction_id,
+                        model_version,
+                        None,
+                        None,
+                        f.reason,
+                        f.http_status,
+                        f.attempts,
+                    )
+                )
+            ids = tx.get_column("transaction_id").to_list() if tx.height else []
+            scored = sum(1 for i in ids if i in predicted)
+            not_scored = sum(1 for i in ids if i in failed)
+            for row in unit.invalid:
+                reasons = orjson.dumps([r.as_json() for r in row.reasons]).decode()
+                invalid.append((obj.uri, obj.version, row.line_number, row.raw_text, reasons))
+            unit_counts = Counts(
+                read=unit.rows,
+                valid=tx.height,
+                invalid=len(unit.invalid),
+                scored=scored,
+                failed=not_scored,
+            )
+            delta.add(unit_counts)
+            counts.add(unit_counts)
+        transactions = (
+            pl.concat(frames).unique(subset=["transaction_id"], keep="last", maintain_order=True)
+            if frames
+            else pl.DataFrame()
+        )
+        outcome = pl.DataFrame(
+            outcomes,
+            schema={
+                "transaction_id": pl.String,
+                "model_version": pl.String,
+                "fraud_score": pl.Float64,
+                "prediction": pl.Boolean,
+                "reason": pl.String,
+                "http_status": pl.Int32,
+                "attempts": pl.Int32,
+            },
+            orient="row",
+        ).unique(subset=["transaction_id"], keep="last", maintain_order=True)
+        succeeded = outcome.filter(pl.col("reason").is_null())
+        predictions = succeeded.select(
+            "transaction_id", "model_version", "fraud_score", "prediction"
+        )
+        failures = outcome.filter(pl.col("reason").is_not_null()).select(
+            "transaction_id", "model_version", "reason", "http_status", "attempts"
+        )
+        objects = []
+        completed = failed_objects = 0
+        for key, progress in buffer.touched.items():
+            objects.append((progress, deltas.get(key, Counts())))
+            if progress.status == "completed":
+                completed += 1
+            elif progress.status == "failed":
+                failed_objects += 1
+        return cls(
+            transactions,
+            predictions,
+            failures,
+            invalid,
+            counts,
+            objects,
+            completed,
+            failed_objects,
+            model_version,
+        )
