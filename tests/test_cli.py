@@ -1,0 +1,40 @@
+"""The command line: every setting is a flag, every command and variable is documented."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from library.config import Settings
+from pipeline.batch.main import build_parser, flag_name
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def subcommands() -> dict[str, object]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return dict(action.choices)  # type: ignore[arg-type]
+
+
+def test_every_setting_is_a_flag_of_run() -> None:
+    run = subcommands()["run"]
+    flags = {opt for a in run._actions for opt in a.option_strings}  # type: ignore[attr-defined]
+    for name in Settings.model_fields:
+        assert flag_name(name) in flags, name
+    assert "--source" in flags
+
+
+def test_flags_parse_into_settings() -> None:
+    from pipeline.batch.main import settings_from
+
+    args = build_parser().parse_args(["run", "--source", "s3://b/p/", "--api-max-workers", "7"])
+    s = settings_from(args)
+    assert s.SOURCE_URI == "s3://b/p/" and s.API_MAX_WORKERS == 7
+
+
+def test_every_command_and_variable_is_in_the_readme() -> None:
+    for command in subcommands():
+        assert re.search(rf"batch-pipeline {command}\b", README), command
+    for name in Settings.model_fields:
+        assert f"`{name}`" in README, name

@@ -1,0 +1,216 @@
+"""The sink against a real PostgreSQL: one transaction per flush, latest row wins."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+
+import polars as pl
+import psycopg
+import pytest
+
+from library.errors import DatabaseError
+from library.ledger import Ledger
+from library.models import (
+    Failure,
+    InvalidRow,
+    Prediction,
+    Reason,
+    RowChunk,
+    ScoreResult,
+    SourceObject,
+    WorkUnit,
+)
+from library.sink import Sink
+from library.validate import validate_chunk
+from tests.conftest import Database
+from tests.helpers.data import row
+from tests.test_validate import as_frame
+
+OBJ = SourceObject("s3://b/in.csv", "etag-1")
+
+
+def valid(records: list[dict[str, str]]) -> pl.DataFrame:
+    chunk = RowChunk(OBJ, 0, as_frame(records), [""] * len(records), [], len(records) + 1)
+    return validate_chunk(chunk).valid
+
+
+def unit(
+    records: list[dict[str, str]],
+    seq: int = 0,
+    invalid: list[InvalidRow] | None = None,
+    line: int = 10,
+) -> WorkUnit:
+    return WorkUnit(OBJ, seq, valid(records), invalid or [], line)
+
+
+def scored(*ids: str, version: str = "v1", score: float = 0.25) -> ScoreResult:
+    return ScoreResult(predictions=[Prediction(i, score, score >= 0.5, version) for i in ids])
+
+
+def failed(*ids: str, status: int = 422) -> ScoreResult:
+    return ScoreResult(failures=[Failure(i, "rejected", status, 1) for i in ids])
+
+
+@pytest.fixture
+def sink(database_url: str) -> Sink:
+    conn = psycopg.connect(database_url, autocommit=True)
+    ledger = Ledger(conn)
+    from datetime import datetime
+
+    run_id = ledger.start_run(datetime(2026, 1, 1), "s3://b/", {})
+    assert ledger.claim(run_id, OBJ).status == "new"
+    s = Sink(database_url, run_id, flush_rows=1000)
+    s.begin_object(OBJ, 1, None)
+    return s
+
+
+def test_one_flush_writes_every_table_and_the_checkpoint(sink: Sink, database: Database) -> None:
+    bad = InvalidRow(3, "tx-x,raw", (Reason("amount", "must be greater than 0", "-1"),))
+    sink.add(unit([row(1), row(2)], invalid=[bad], line=4), scored("tx-000001", "tx-000002"))
+    assert database.value("SELECT count(*) FROM transactions") == 0  # buffered, not yet written
+    sink.flush()
+    assert database.value("SELECT count(*) FROM transactions") == 2
+    assert database.value("SELECT count(*) FROM predictions") == 2
+    assert database.rows("SELECT line_number, raw_text, reasons FROM invalid_rows") == [
+        (3, "tx-x,raw", [{"column": "amount", "message": "must be greater than 0", "value": "-1"}])
+    ]
+    assert database.rows(
+        "SELECT checkpoint_line, rows_read, rows_valid, rows_invalid, rows_scored FROM source_objects"
+    ) == [(4, 3, 2, 1, 2)]
+    assert database.rows("SELECT rows_read, rows_scored FROM pipeline_runs") == [(3, 2)]
+
+
+def test_a_repeated_id_in_one_flush_keeps_the_latest_row(sink: Sink, database: Database) -> None:
+    sink.add(
+        unit([row(1, amount="1.00"), row(1, amount="2.00")], seq=0), scored("tx-000001", score=0.1)
+    )
+    sink.add(unit([row(1, amount="3.00")], seq=1), scored("tx-000001", score=0.9))
+    sink.flush()
+    assert database.rows("SELECT amount FROM transactions") == [(Decimal("3.00"),)]
+    assert database.rows("SELECT fraud_score, prediction FROM predictions") == [(0.9, True)]
+
+
+def test_latest_row_wins_across_flushes_and_unchanged_rows_are_not_rewritten(
+    sink: Sink, database: Database
+) -> None:
+    sink.add(unit([row(1)]), scored("tx-000001"))
+    sink.flush()
+    first = database.rows("SELECT updated_at FROM transactions")
+    sink.add(unit([row(1)], seq=1), scored("tx-000001"))
+    sink.flush()
+    assert database.rows("SELECT updated_at FROM transactions") == first
+    sink.add(unit([row(1, amount="77.00")], seq=2), scored("tx-000001"))
+    sink.flush()
+    assert database.rows("SELECT amount FROM transactions") == [(Decimal("77.00"),)]
+    assert database.rows("SELECT updated_at FROM transactions") != first
+
+
+def test_a_failure_later_scored_is_resolved(sink: Sink, database: Database) -> None:
+    sink.add(unit([row(1)]), failed("tx-000001"))
+    sink.flush()
+    assert database.rows(
+        "SELECT transaction_id, http_status, resolved_at IS NULL FROM failed_transactions"
+    ) == [("tx-000001", 422, True)]
+    sink.add(unit([row(1)], seq=1), scored("tx-000001"))
+    sink.flush()
+    assert database.value("SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL") == 0
+    assert database.value("SELECT resolved_by_run FROM failed_transactions") == sink.run_id
+
+
+def test_a_changed_row_that_fails_drops_its_stale_prediction(
+    sink: Sink, database: Database
+) -> None:
+    sink.add(unit([row(1)]), scored("tx-000001", version="v1"))
+    sink.flush()
+    sink.add(unit([row(1, amount="5.00")], seq=1), failed("tx-000001"))
+    sink.flush()
+    # An unresolved failure is never also in predictions for the same model version.
+    assert (
+        database.value(
+            "SELECT count(*) FROM failed_transactions f JOIN predictions p USING (transaction_id)"
+            " WHERE f.resolved_at IS NULL AND p.model_version = f.model_version"
+        )
+        == 0
+    )
+    assert database.value("SELECT model_version FROM failed_transactions") == "v1"
+
+
+def test_invalid_rows_of_one_object_version_are_stored_once(sink: Sink, database: Database) -> None:
+    bad = InvalidRow(3, "raw", (Reason("_row", "broken"),))
+    sink.add(unit([], invalid=[bad]), ScoreResult())
+    sink.flush()
+    sink.add(unit([], invalid=[bad], seq=1), ScoreResult())
+    sink.flush()
+    assert database.value("SELECT count(*) FROM invalid_rows") == 1
+
+
+def test_flushes_every_db_row_batch_size_rows(
+    database_url: str, sink: Sink, database: Database
+) -> None:
+    sink.flush_rows = 3
+    sink.add(unit([row(1), row(2)], line=3), scored("tx-000001", "tx-000002"))
+    assert database.value("SELECT count(*) FROM transactions") == 0
+    sink.add(unit([row(3)], seq=1, line=4), scored("tx-000003"))
+    assert database.value("SELECT count(*) FROM transactions") == 3
+    assert database.value("SELECT checkpoint_line FROM source_objects") == 4
+
+
+def test_end_object_marks_it_completed_in_the_same_flush(sink: Sink, database: Database) -> None:
+    sink.add(unit([row(1)], line=2), scored("tx-000001"))
+    sink.end_object(OBJ)
+    assert database.rows("SELECT status, checkpoint_line, rows_read FROM source_objects") == [
+        ("completed", 2, 1)
+    ]
+    assert database.value("SELECT objects_done FROM pipeline_runs") == 1
+
+
+def test_a_lost_connection_is_retried_and_the_flush_applied_once(
+    sink: Sink, database: Database
+) -> None:
+    sink.add(unit([row(1)]), scored("tx-000001"))
+    sink.flush()
+    # Kill the sink's connection from the server side, as a database restart would.
+    database.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'batch-pipeline sink'"
+    )
+    sink.add(unit([row(2)], seq=1), scored("tx-000002"))
+    sink.flush()
+    assert database.value("SELECT count(*) FROM transactions") == 2
+    assert database.rows("SELECT rows_read, rows_scored FROM pipeline_runs") == [(2, 2)]
+
+
+def test_a_permanent_error_is_not_retried(sink: Sink, database: Database) -> None:
+    database.execute("ALTER TABLE transactions ADD CONSTRAINT small CHECK (amount < 1)")
+    sink.add(unit([row(1, amount="5.00")]), scored("tx-000001"))
+    with pytest.raises(DatabaseError, match="CheckViolation"):
+        sink.flush()
+    assert database.value("SELECT count(*) FROM predictions") == 0  # nothing half-written
+
+
+def test_concurrent_sinks_writing_the_same_ids_do_not_deadlock(
+    database_url: str, sink: Sink, database: Database
+) -> None:
+    other = Sink(database_url, sink.run_id, flush_rows=1000)
+    other.begin_object(OBJ, 1, None)
+    ids = [row(i) for i in range(300)]
+    errors: list[BaseException] = []
+
+    def write(s: Sink, records: list[dict[str, str]]) -> None:
+        try:
+            for n in range(5):
+                s.add(unit(records, seq=n), scored(*[r["transaction_id"] for r in records]))
+                s.flush()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=write, args=(sink, ids)),
+        threading.Thread(target=write, args=(other, list(reversed(ids)))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert database.value("SELECT count(*) FROM transactions") == 300
