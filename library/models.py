@@ -97,8 +97,19 @@ class WorkUnit:
     def rows(self) -> int:
         return self.transactions.height + len(self.invalid)
 
+    def counts(self, result: ScoreResult) -> Counts:
+        """The unit's rows by outcome. Scoring accounts for every id, so a row not
+        failed is scored; a repeated id counts once per row."""
+        failed = 0
+        if result.failures:
+            failed_ids = {f.transaction_id for f in result.failures}
+            ids = self.transactions.get_column("transaction_id").to_list()
+            failed = sum(1 for i in ids if i in failed_ids)
+        valid = self.transactions.height
+        return Counts(self.rows, valid, len(self.invalid), valid - failed, failed)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
     transaction_id: str
     fraud_score: float
@@ -106,7 +117,7 @@ class Prediction:
     model_version: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Failure:
     transaction_id: str
     reason: str

@@ -224,18 +224,7 @@ class Writer(threading.Thread):
                 item.release()
 
     def _log_chunk(self, unit: WorkUnit, result: ScoreResult) -> None:
-        ids = unit.transactions.get_column("transaction_id") if unit.transactions.height else None
-        predicted = {p.transaction_id for p in result.predictions}
-        scored = sum(1 for i in ids if i in predicted) if ids is not None else 0
-        self._chunk_counts.add(
-            Counts(
-                read=unit.rows,
-                valid=unit.transactions.height,
-                invalid=len(unit.invalid),
-                scored=scored,
-                failed=unit.transactions.height - scored,
-            )
-        )
+        self._chunk_counts.add(unit.counts(result))
         if unit.last_of_chunk:
             c = self._chunk_counts
             log.info(
@@ -498,6 +487,7 @@ class Run:
                             obj, text, self.settings.ROW_BATCH_SIZE, claim.checkpoint_line
                         ):
                             validated = validate_chunk(chunk)
+                            validated.valid = client.prepare(validated.valid)
                             for unit in plan_units(
                                 validated, self.settings.API_BATCH_SIZE, seq, chunk_number
                             ):

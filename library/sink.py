@@ -16,8 +16,10 @@ latest row of a run is also the last one written.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,7 +28,15 @@ import polars as pl
 import psycopg
 
 from library import db, ledger
-from library.models import LINE_COLUMN, Counts, ScoreResult, SourceObject, WorkUnit
+from library.models import (
+    LINE_COLUMN,
+    Counts,
+    Failure,
+    Prediction,
+    ScoreResult,
+    SourceObject,
+    WorkUnit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,21 +247,23 @@ class Sink:
             if batch.transactions.height:
                 copy_frame(cur, "stage_transactions", batch.transactions)
                 cur.execute(UPSERT_TRANSACTIONS, params)
-            if batch.failures.height:
-                copy_frame(cur, "stage_failures", batch.failures)
+            if batch.failures:
+                copy_rows(cur, STAGE_FAILURES, batch.failures)
                 cur.execute(DELETE_STALE_PREDICTIONS)
                 cur.execute(UPSERT_FAILURES, params)
-            if batch.predictions.height:
-                copy_frame(cur, "stage_predictions", batch.predictions)
+            if batch.predictions:
+                copy_rows(
+                    cur,
+                    STAGE_PREDICTIONS,
+                    (
+                        (p.transaction_id, p.model_version, p.fraud_score, p.is_fraud)
+                        for p in batch.predictions
+                    ),
+                )
                 cur.execute(UPSERT_PREDICTIONS, params)
                 cur.execute(RESOLVE_FAILURES, params)
             if batch.invalid:
-                with cur.copy(
-                    "COPY stage_invalid (source_uri, source_version, line_number, raw_text, reasons)"
-                    " FROM STDIN"
-                ) as copy:
-                    for row in batch.invalid:
-                        copy.write_row(row)
+                copy_rows(cur, STAGE_INVALID, batch.invalid)
                 cur.execute(INSERT_INVALID, params)
             counts = Counts()
             counts.add(self.run.counts)
@@ -293,6 +305,17 @@ class Sink:
             log.debug("flushed %d transactions", batch.transactions.height)
 
 
+STAGE_PREDICTIONS = "stage_predictions (transaction_id, model_version, fraud_score, prediction)"
+STAGE_FAILURES = "stage_failures (transaction_id, model_version, reason, http_status, attempts)"
+STAGE_INVALID = "stage_invalid (source_uri, source_version, line_number, raw_text, reasons)"
+
+
+def copy_rows(cur: psycopg.Cursor[Any], target: str, rows: Iterable[Sequence[Any]]) -> None:
+    with cur.copy(f"COPY {target} FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 def copy_frame(cur: psycopg.Cursor[Any], table: str, frame: pl.DataFrame) -> None:
     """COPY a frame as CSV text: polars formats it in one pass, no Python per row."""
     text = frame.write_csv(
@@ -304,9 +327,11 @@ def copy_frame(cur: psycopg.Cursor[Any], table: str, frame: pl.DataFrame) -> Non
 
 @dataclass
 class PreparedFlush:
+    """Everything one flush writes, reduced to the latest row per transaction_id."""
+
     transactions: pl.DataFrame
-    predictions: pl.DataFrame
-    failures: pl.DataFrame
+    predictions: list[Prediction]
+    failures: list[tuple[str, str | None, str, int | None, int]]
     invalid: list[tuple[str, str, int, str, str]]
     counts: Counts
     objects: list[tuple[ObjectProgress, Counts]]
@@ -317,87 +342,51 @@ class PreparedFlush:
     @classmethod
     def build(cls, buffer: FlushBuffer, known_version: str | None) -> PreparedFlush:
         frames: list[pl.DataFrame] = []
-        outcomes: list[
-            tuple[str, str | None, float | None, bool | None, str | None, int | None, int | None]
-        ] = []
-        invalid: list[tuple[str, str, int, str, str]] = []
-        counts = Counts()
-        deltas: dict[tuple[str, str], Counts] = {}
-        model_version = known_version
-        for _unit, result in buffer.units:
-            for p in result.predictions:
-                model_version = p.model_version
-        for unit, result in buffer.units:
-            obj = unit.obj
-            delta = deltas.setdefault((obj.uri, obj.version), Counts())
-            tx = unit.transactions
-            if tx.height:
+        # Units of one object share their lineage columns: one polars pass per object.
+        for obj, group in itertools.groupby(buffer.units, key=lambda ur: ur[0].obj):
+            parts = [unit.transactions for unit, _ in group if unit.transactions.height]
+            if parts:
                 frames.append(
-                    tx.select(
+                    (pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]).select(
                         *TRANSACTION_COLUMNS[:10],
                         pl.lit(obj.uri).alias("source_uri"),
                         pl.lit(obj.version).alias("source_version"),
                         pl.col(LINE_COLUMN).alias("source_line"),
                     )
                 )
-            predicted = {p.transaction_id for p in result.predictions}
-            failed = {f.transaction_id for f in result.failures}
-            for p in result.predictions:
-                outcomes.append(
-                    (p.transaction_id, p.model_version, p.fraud_score, p.is_fraud, None, None, None)
-                )
-            for f in result.failures:
-                outcomes.append(
-                    (
-                        f.transaction_id,
-                        model_version,
-                        None,
-                        None,
-                        f.reason,
-                        f.http_status,
-                        f.attempts,
-                    )
-                )
-            ids = tx.get_column("transaction_id").to_list() if tx.height else []
-            scored = sum(1 for i in ids if i in predicted)
-            not_scored = sum(1 for i in ids if i in failed)
-            for row in unit.invalid:
-                reasons = orjson.dumps([r.as_json() for r in row.reasons]).decode()
-                invalid.append((obj.uri, obj.version, row.line_number, row.raw_text, reasons))
-            unit_counts = Counts(
-                read=unit.rows,
-                valid=tx.height,
-                invalid=len(unit.invalid),
-                scored=scored,
-                failed=not_scored,
-            )
-            delta.add(unit_counts)
-            counts.add(unit_counts)
         transactions = (
             pl.concat(frames).unique(subset=["transaction_id"], keep="last", maintain_order=True)
             if frames
             else pl.DataFrame()
         )
-        outcome = pl.DataFrame(
-            outcomes,
-            schema={
-                "transaction_id": pl.String,
-                "model_version": pl.String,
-                "fraud_score": pl.Float64,
-                "prediction": pl.Boolean,
-                "reason": pl.String,
-                "http_status": pl.Int32,
-                "attempts": pl.Int32,
-            },
-            orient="row",
-        ).unique(subset=["transaction_id"], keep="last", maintain_order=True)
-        succeeded = outcome.filter(pl.col("reason").is_null())
-        predictions = succeeded.select(
-            "transaction_id", "model_version", "fraud_score", "prediction"
-        )
-        failures = outcome.filter(pl.col("reason").is_not_null()).select(
-            "transaction_id", "model_version", "reason", "http_status", "attempts"
-        )
+
+        latest: dict[str, Prediction | Failure] = {}
+        counts = Counts()
+        deltas: dict[tuple[str, str], Counts] = {}
+        invalid: list[tuple[str, str, int, str, str]] = []
+        model_version = known_version
+        for unit, result in buffer.units:
+            for p in result.predictions:
+                latest[p.transaction_id] = p
+            for f in result.failures:
+                latest[f.transaction_id] = f
+            if result.predictions:
+                model_version = result.predictions[-1].model_version
+            for row in unit.invalid:
+                reasons = orjson.dumps([r.as_json() for r in row.reasons]).decode()
+                invalid.append(
+                    (unit.obj.uri, unit.obj.version, row.line_number, row.raw_text, reasons)
+                )
+            unit_counts = unit.counts(result)
+            deltas.setdefault((unit.obj.uri, unit.obj.version), Counts()).add(unit_counts)
+            counts.add(unit_counts)
+        predictions = [o for o in latest.values() if isinstance(o, Prediction)]
+        failures = [
+            (o.transaction_id, model_version, o.reason, o.http_status, o.attempts)
+            for o in latest.values()
+            if isinstance(o, Failure)
+        ]
+
         objects = []
         completed = failed_objects = 0
         for key, progress in buffer.touched.items():

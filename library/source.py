@@ -20,6 +20,7 @@ import csv
 import io
 import logging
 import operator
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -248,14 +249,18 @@ def _strip_newline(text: str) -> str:
     return text
 
 
-def _row_problem(row: list[str], width: int) -> str | None:
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _row_problem(row: list[str], width: int, raw: str) -> str | None:
     if len(row) != width:
         return f"expected {width} fields as in the header, found {len(row)}"
-    for value in row:
-        if "\x00" in value:
-            return "contains a NUL character"
-        if any("\udc80" <= ch <= "\udcff" for ch in value):
-            return "is not valid UTF-8"
+    if raw.isascii():  # nearly every row: no NUL and no undecodable byte to look for
+        return "contains a NUL character" if "\x00" in raw else None
+    if "\x00" in raw:
+        return "contains a NUL character"
+    if _SURROGATE.search(raw):
+        return "is not valid UTF-8"
     return None
 
 
@@ -351,7 +356,7 @@ def read_chunks(
         if start <= resume_after_line:
             continue
         last_line = start
-        problem = _row_problem(row, columns.width)
+        problem = _row_problem(row, columns.width, raw)
         if problem is not None:
             malformed.append(
                 InvalidRow(start, stored_raw_text(raw), (Reason(ROW_REASON, problem),))

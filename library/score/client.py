@@ -180,10 +180,14 @@ class ScoringClient:
 
     # -- scoring ---------------------------------------------------------------
 
+    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        """Encode a whole chunk's requests at once (see Codec.prepare)."""
+        return self.codec.prepare(chunk)
+
     def score(self, batch: pl.DataFrame) -> ScoreResult:
         """Score one batch; every transaction ends predicted or failed."""
-        ids = batch.get_column("transaction_id")
-        if ids.n_unique() < batch.height:
+        ids = batch.get_column("transaction_id").to_list()
+        if len(set(ids)) < len(ids):
             # The same id twice in one request would be ambiguous: send the latest row.
             batch = batch.unique(subset=["transaction_id"], keep="last", maintain_order=True)
         result = ScoreResult()

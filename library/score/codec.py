@@ -19,6 +19,7 @@ from library.errors import TransientApiError
 from library.models import Prediction
 
 EVENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
+PAYLOAD_COLUMN = "_payload"  # each row's request JSON, encoded once per chunk
 
 
 class MalformedResponse(TransientApiError):
@@ -29,12 +30,16 @@ class Codec(Protocol):
     predict_path: str
     health_path: str
 
+    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        """Vectorised work for a whole chunk, done once before it is cut into batches."""
+        ...
+
     def encode(self, batch: pl.DataFrame) -> bytes: ...
 
     def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]: ...
 
 
-def contract_records(batch: pl.DataFrame) -> pl.Expr:
+def contract_records() -> pl.Expr:
     """Each row as the contract's JSON object, encoded by polars in one pass."""
     return pl.struct(
         pl.col("transaction_id"),
@@ -65,8 +70,13 @@ class NativeCodec:
     predict_path = "/predict"
     health_path = "/health"
 
+    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
+        return chunk.with_columns(contract_records().alias(PAYLOAD_COLUMN))
+
     def encode(self, batch: pl.DataFrame) -> bytes:
-        rows = batch.select(contract_records(batch)).to_series().to_list()
+        if PAYLOAD_COLUMN not in batch.columns:
+            batch = self.prepare(batch)
+        rows = batch.get_column(PAYLOAD_COLUMN).to_list()
         return ('{"transactions":[' + ",".join(rows) + "]}").encode()
 
     def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]:
