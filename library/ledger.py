@@ -35,6 +35,16 @@ def object_lock_key(obj: SourceObject) -> str:
     return f"batch-pipeline:object:{obj.uri}"
 
 
+def run_lock_key(run_id: str) -> str:
+    return f"batch-pipeline:run:{run_id}"
+
+
+ABANDONED = (
+    "abandoned: its process stopped without finishing (killed or crashed); "
+    "run {by} found it and resumes its objects from their checkpoints"
+)
+
+
 @dataclass
 class Claim:
     status: ClaimStatus
@@ -50,23 +60,62 @@ class Ledger:
         self.conn = conn  # autocommit: each statement stands alone
 
     def start_run(self, now: datetime, source_uri: str | None, settings: dict[str, Any]) -> str:
-        """Insert the run row; the id is unique even for two runs started in one second."""
+        """Insert the run row; the id is unique even for two runs started in one second.
+
+        The run holds an advisory lock on its own id for as long as its connection
+        lives, taken in the same transaction as the insert: a run seen as
+        `processing` whose lock is free belongs to a process that is gone.
+        """
         base = run_id_base(now)
         for n in range(1, 1000):
             run_id = base if n == 1 else f"{base}_{n}"
-            row = self.conn.execute(
-                """INSERT INTO pipeline_runs (run_id, status, source_uri, settings)
-                   VALUES (%s, 'processing', %s, %s)
-                   ON CONFLICT (run_id) DO NOTHING RETURNING run_id""",
-                (run_id, source_uri, orjson.dumps(settings).decode()),
-            ).fetchone()
+            with self.conn.transaction():
+                row = self.conn.execute(
+                    """INSERT INTO pipeline_runs (run_id, status, source_uri, settings)
+                       VALUES (%s, 'processing', %s, %s)
+                       ON CONFLICT (run_id) DO NOTHING RETURNING run_id""",
+                    (run_id, source_uri, orjson.dumps(settings).decode()),
+                ).fetchone()
+                if row:
+                    self.conn.execute(
+                        "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (run_lock_key(run_id),)
+                    )
             if row:
                 self.conn.execute(
                     "SELECT set_config('application_name', %s, false)",
                     (f"batch-pipeline {run_id} {socket.gethostname()}"[:63],),
                 )
+                self._close_abandoned(run_id)
                 return run_id
         raise RuntimeError("could not allocate a run id")
+
+    def _close_abandoned(self, run_id: str) -> None:
+        """Mark `processing` runs whose process is gone as failed, saying so."""
+        others = self.conn.execute(
+            "SELECT run_id FROM pipeline_runs WHERE status = 'processing' AND run_id <> %s",
+            (run_id,),
+        ).fetchall()
+        for (other,) in others:
+            key = run_lock_key(other)
+            free = self.conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
+            ).fetchone()
+            if not free or not free[0]:
+                continue  # alive: another run working right now
+            try:
+                self.conn.execute(
+                    """UPDATE pipeline_runs SET status = 'failed', error = %s,
+                           finished_at = heartbeat_at
+                       WHERE run_id = %s AND status = 'processing'""",
+                    (ABANDONED.format(by=run_id), other),
+                )
+                log.warning(
+                    "Run %s was abandoned (its process is gone): marked failed; "
+                    "its objects resume from their checkpoints",
+                    other,
+                )
+            finally:
+                self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
 
     def set_objects_total(self, run_id: str, total: int) -> None:
         self.conn.execute(
@@ -169,6 +218,33 @@ def record_object_progress(
             status,
             obj.uri,
             obj.version,
+        ),
+    )
+
+
+def record_run_object(
+    cur: psycopg.Cursor[Any], run_id: str, obj: SourceObject, counts: Counts, status: str
+) -> None:
+    """This run's own share of an object (a resumed object is shared between runs)."""
+    cur.execute(
+        """INSERT INTO run_objects (run_id, source_uri, source_version, status, rows_read,
+               rows_valid, rows_invalid, rows_scored, rows_failed)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (run_id, source_uri, source_version) DO UPDATE SET
+               status = EXCLUDED.status, rows_read = EXCLUDED.rows_read,
+               rows_valid = EXCLUDED.rows_valid, rows_invalid = EXCLUDED.rows_invalid,
+               rows_scored = EXCLUDED.rows_scored, rows_failed = EXCLUDED.rows_failed,
+               updated_at = now()""",
+        (
+            run_id,
+            obj.uri,
+            obj.version,
+            status,
+            counts.read,
+            counts.valid,
+            counts.invalid,
+            counts.scored,
+            counts.failed,
         ),
     )
 

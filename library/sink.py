@@ -28,6 +28,7 @@ import polars as pl
 import psycopg
 
 from library import db, ledger
+from library.faults import failpoint
 from library.models import (
     LINE_COLUMN,
     Counts,
@@ -116,14 +117,16 @@ SELECT transaction_id, model_version, reason, http_status, attempts, %(run_id)s 
 ORDER BY transaction_id
 ON CONFLICT (transaction_id) WHERE resolved_at IS NULL DO UPDATE SET
     model_version = EXCLUDED.model_version, reason = EXCLUDED.reason,
-    http_status = EXCLUDED.http_status, attempts = EXCLUDED.attempts,
+    http_status = EXCLUDED.http_status,
+    attempts = failed_transactions.attempts + EXCLUDED.attempts,
     run_id = EXCLUDED.run_id, failed_at = now()
 """
 
 INSERT_INVALID = """
 INSERT INTO invalid_rows (source_uri, source_version, line_number, raw_text, reasons, run_id)
 SELECT source_uri, source_version, line_number, raw_text, reasons, %(run_id)s FROM stage_invalid
-ON CONFLICT (source_uri, source_version, line_number) DO NOTHING
+ON CONFLICT (source_uri, source_version, line_number) DO UPDATE SET run_id = EXCLUDED.run_id
+WHERE invalid_rows.run_id IS DISTINCT FROM EXCLUDED.run_id
 """
 
 ObjectStatus = Literal["processing", "completed", "failed"]
@@ -132,10 +135,11 @@ ObjectStatus = Literal["processing", "completed", "failed"]
 @dataclass
 class ObjectProgress:
     obj: SourceObject
-    counts: Counts
+    counts: Counts  # the object's rows so far, earlier runs' included
     checkpoint_line: int
     status: ObjectStatus = "processing"
     error: str | None = None
+    run_counts: Counts = field(default_factory=Counts)  # this run's share
 
 
 @dataclass
@@ -172,6 +176,7 @@ class Sink:
         self._objects: dict[tuple[str, str], ObjectProgress] = {}
         self._buffer = FlushBuffer()
         self._conn: psycopg.Connection[Any] | None = None
+        self._run_dirty = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -202,13 +207,17 @@ class Sink:
 
     def skip_object(self) -> None:
         self.run.objects_skipped += 1
+        self._run_dirty = True  # written by the next flush, even one with no rows
 
     def add(self, unit: WorkUnit, result: ScoreResult) -> None:
-        progress = self._objects[(unit.obj.uri, unit.obj.version)]
-        progress.checkpoint_line = max(progress.checkpoint_line, unit.checkpoint_line)
+        """Buffer a scored unit; units of an object not begun (retry-failed) are not tracked."""
+        key = (unit.obj.uri, unit.obj.version)
+        progress = self._objects.get(key)
+        if progress is not None:
+            progress.checkpoint_line = max(progress.checkpoint_line, unit.checkpoint_line)
+            self._buffer.touched[key] = progress
         self._buffer.units.append((unit, result))
         self._buffer.rows += unit.rows
-        self._buffer.touched[(unit.obj.uri, unit.obj.version)] = progress
         if self._buffer.rows >= self.flush_rows:
             self.flush()
 
@@ -229,12 +238,15 @@ class Sink:
 
     def flush(self) -> None:
         """Write everything buffered in one transaction, retrying a lost connection."""
-        if not self._buffer.units and not self._buffer.touched:
+        if not self._buffer.units and not self._buffer.touched and not self._run_dirty:
             return
+        failpoint("before_flush")
         batch = self._prepare()
         db.with_retries(lambda: self._write(batch), "writing a flush", on_retry=self._reconnect)
+        failpoint("after_flush")
         self._account(batch)
         self._buffer.clear()
+        self._run_dirty = False
 
     def _prepare(self) -> PreparedFlush:
         return PreparedFlush.build(self._buffer, self.run.model_version)
@@ -269,16 +281,20 @@ class Sink:
             counts.add(self.run.counts)
             counts.add(batch.counts)
             for progress, delta in batch.objects:
-                obj_counts = Counts()
-                obj_counts.add(progress.counts)
-                obj_counts.add(delta)
                 ledger.record_object_progress(
                     cur,
                     progress.obj,
                     progress.checkpoint_line,
-                    obj_counts,
+                    plus(progress.counts, delta),
                     progress.status,
                     progress.error,
+                )
+                ledger.record_run_object(
+                    cur,
+                    self.run_id,
+                    progress.obj,
+                    plus(progress.run_counts, delta),
+                    progress.status,
                 )
             ledger.record_run_progress(
                 cur,
@@ -289,6 +305,7 @@ class Sink:
                 self.run.objects_skipped,
                 batch.model_version,
             )
+            failpoint("flush_before_commit")
         self.run.flush_seconds += time.perf_counter() - began
 
     def _account(self, batch: PreparedFlush) -> None:
@@ -301,6 +318,7 @@ class Sink:
             self.run.model_version = batch.model_version
         for progress, delta in batch.objects:
             progress.counts.add(delta)
+            progress.run_counts.add(delta)
         if batch.transactions.height:
             log.debug("flushed %d transactions", batch.transactions.height)
 
@@ -308,6 +326,13 @@ class Sink:
 STAGE_PREDICTIONS = "stage_predictions (transaction_id, model_version, fraud_score, prediction)"
 STAGE_FAILURES = "stage_failures (transaction_id, model_version, reason, http_status, attempts)"
 STAGE_INVALID = "stage_invalid (source_uri, source_version, line_number, raw_text, reasons)"
+
+
+def plus(a: Counts, b: Counts) -> Counts:
+    total = Counts()
+    total.add(a)
+    total.add(b)
+    return total
 
 
 def copy_rows(cur: psycopg.Cursor[Any], target: str, rows: Iterable[Sequence[Any]]) -> None:
