@@ -1,31 +1,22 @@
-"""The orchestrator: wires source -> validate -> score -> sink, in that one direction.
+"""The orchestrator of `run`: wires source -> validate -> score -> sink, in that one direction.
 
-    main thread        reads objects, parses and validates chunks, cuts them into
-                       units and submits each unit to the scoring pool
-    scoring pool       API_MAX_WORKERS threads, each scoring one unit at a time
-    writer thread      takes units in source order from a bounded queue, waits for
-                       each one's scores and hands it to the sink
-
-The queue bounds the units read but not yet written, so memory stays flat
-however large the input. Writing in source order is what makes the latest row
-win and every checkpoint exact. Whatever stops the run (an interrupt, the API
-down, a threshold crossed, a database error) stops reading first, then lets the
-writer flush every unit that was fully scored before the first one that was
-not, so nothing is half-written and the next run resumes where this one ended.
+For each object of SOURCE_URI, in key order: claim it in the ledger (skip it if
+it is completed at this version or another run holds it; resume it from its
+checkpoint if a run died on it), stream and parse it, validate each chunk, cut
+it into units and feed them to `ScoreAndWrite`, which scores them in parallel
+and writes them in order. The run's outcome decides the exit code.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from library import db, logs, source
@@ -36,24 +27,19 @@ from library.errors import (
     EXIT_COMPLETED_WITH_ERRORS,
     EXIT_FAILED,
     ConfigError,
-    DatabaseError,
     MissingColumnsError,
     PipelineError,
     SourceError,
     ThresholdExceededError,
 )
+from library.flow import ScoreAndWrite, Stopping, StopSignal, check_ratios
 from library.ledger import Ledger, RunStatus
-from library.models import Counts, ScoreResult, SourceObject, WorkUnit
-from library.score.client import ScoringClient, ScoringStopped
-from library.score.codec import NativeCodec
-from library.sink import Sink
+from library.models import Counts, SourceObject
 from library.validate import validate_chunk
 
 log = logging.getLogger(__name__)
 
-MIN_ROWS_FOR_RATIO = (
-    1000  # a ratio over fewer rows read says little; the end-of-run check still applies
-)
+__all__ = ["RunOptions", "RunReport", "StopSignal", "database", "run_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +74,7 @@ class RunReport:
     api_requests: int = 0
     api_retries: int = 0
     flushes: int = 0
+    flush_seconds: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -110,184 +97,25 @@ class RunReport:
             "api_requests": self.api_requests,
             "api_retries": self.api_retries,
             "flushes": self.flushes,
+            "flush_seconds": round(self.flush_seconds, 3),
             "error": self.error,
         }
 
 
-# -- the writer ----------------------------------------------------------------
-
-
-@dataclass
-class _Begin:
-    obj: SourceObject
-    checkpoint_line: int
-    prior: Counts | None
-
-
-@dataclass
-class _Unit:
-    unit: WorkUnit
-    future: Future[ScoreResult]
-
-
-@dataclass
-class _End:
-    obj: SourceObject
-    error: str | None
-    release: Callable[[], None]
-
-
-_STOP = object()
-
-
-class Writer(threading.Thread):
-    """Consumes units in source order and writes them through the sink."""
-
-    def __init__(
-        self,
-        sink: Sink,
-        settings: Settings,
-        on_abort: Callable[[PipelineError], None],
-        queue_size: int,
-    ) -> None:
-        super().__init__(name="writer", daemon=True)
-        self.sink = sink
-        self.settings = settings
-        self.items: queue.Queue[object] = queue.Queue(maxsize=queue_size)
-        self.error: PipelineError | None = None
-        self._on_abort = on_abort
-        self._chunk_counts = Counts()
-
-    def run(self) -> None:
-        try:
-            self._consume()
-        except DatabaseError as exc:
-            self._abort(exc)
-        except PipelineError as exc:
-            self._abort(exc)
-            self._flush_after_abort()
-        except Exception as exc:  # a bug: still stop cleanly and say so
-            log.exception("writer failed")
-            self._abort(PipelineError(f"internal error in the writer: {exc}"))
-        finally:
-            self._drain()
-
-    def _flush_after_abort(self) -> None:
-        """Keep what was fully scored before the stop; a failing database is left alone."""
-        try:
-            self.sink.flush()
-        except PipelineError as exc:
-            log.error("could not flush after the stop: %s", exc)
-
-    def _abort(self, exc: PipelineError) -> None:
-        if self.error is None:
-            self.error = exc
-            self._on_abort(exc)
-
-    def _consume(self) -> None:
-        interval = self.settings.DB_FLUSH_INTERVAL
-        while True:
-            try:
-                item = self.items.get(timeout=interval)
-            except queue.Empty:
-                if self.sink.pending_rows:
-                    self.sink.flush()  # keep checkpoints fresh while scoring is slow
-                continue
-            if item is _STOP:
-                self.sink.flush()
-                return
-            if isinstance(item, _Begin):
-                self.sink.begin_object(item.obj, item.checkpoint_line, item.prior)
-            elif isinstance(item, _Unit):
-                try:
-                    result = item.future.result()
-                except (ScoringStopped, PipelineError) as exc:
-                    self.sink.flush()  # everything before this unit is complete: keep it
-                    raise exc from None
-                self.sink.add(item.unit, result)
-                self._log_chunk(item.unit, result)
-                self._check_ratios(final=False)
-            elif isinstance(item, _End):
-                self.sink.end_object(item.obj, item.error)
-                item.release()
-
-    def _drain(self) -> None:
-        """After a stop: cancel what was queued so that no worker scores for nothing."""
-        while True:
-            try:
-                item = self.items.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, _Unit):
-                item.future.cancel()
-            elif isinstance(item, _End):
-                item.release()
-
-    def _log_chunk(self, unit: WorkUnit, result: ScoreResult) -> None:
-        self._chunk_counts.add(unit.counts(result))
-        if unit.last_of_chunk:
-            c = self._chunk_counts
-            log.info(
-                "Batch %d: processed %d transactions (%d scored, %d failed, %d invalid) from %s",
-                unit.chunk,
-                c.read,
-                c.scored,
-                c.failed,
-                c.invalid,
-                unit.obj.uri,
-            )
-            self._chunk_counts = Counts()
-
-    def _check_ratios(self, final: bool) -> None:
-        check_ratios(self.sink.run.counts, self.settings, final)
-
-
-def check_ratios(counts: Counts, settings: Settings, final: bool) -> None:
-    """Raise ThresholdExceededError when a ratio of the contract is crossed."""
-    if counts.read == 0 or (not final and counts.read < MIN_ROWS_FOR_RATIO):
-        return
-    invalid_ratio = counts.invalid / counts.read
-    if invalid_ratio > settings.MAX_INVALID_RATIO:
-        raise ThresholdExceededError(
-            f"MAX_INVALID_RATIO crossed: {counts.invalid} of {counts.read} rows read are invalid "
-            f"({invalid_ratio:.2%} > {settings.MAX_INVALID_RATIO:.2%})"
-        )
-    if counts.valid:
-        failed_ratio = counts.failed / counts.valid
-        if failed_ratio > settings.MAX_FAILED_RATIO:
-            raise ThresholdExceededError(
-                f"MAX_FAILED_RATIO crossed: {counts.failed} of {counts.valid} valid transactions "
-                f"could not be scored ({failed_ratio:.2%} > {settings.MAX_FAILED_RATIO:.2%})"
-            )
-
-
-# -- the run -------------------------------------------------------------------
-
-
-class StopSignal:
-    """Set by a signal handler or an aborting stage; the reader checks it between units.
-
-    The first error set is the root cause and the one reported."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.error: PipelineError | None = None
-        self._listeners: list[Callable[[PipelineError], None]] = []
-
-    def set(self, error: PipelineError) -> None:
-        if self.error is None:
-            self.error = error
-        self.event.set()
-        for listener in list(self._listeners):
-            listener(self.error)
-
-    def on_set(self, listener: Callable[[PipelineError], None]) -> None:
-        self._listeners.append(listener)
-        if self.error is not None:
-            listener(self.error)
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
+def decide(
+    error: PipelineError | None, counts: Counts, objects: list[ObjectOutcome]
+) -> tuple[RunStatus, int, str | None]:
+    """The run's status, exit code (contract, section 5) and message."""
+    if error is not None:
+        status: RunStatus = "interrupted" if error.exit_code in (130, 143) else "failed"
+        return status, error.exit_code, str(error)
+    unreadable = [o for o in objects if o.status == "failed"]
+    if unreadable:
+        detail = "; ".join(str(o.error) for o in unreadable[:5])
+        return "failed", EXIT_FAILED, f"{len(unreadable)} object(s) could not be read: {detail}"
+    if counts.invalid or counts.failed or any(o.status == "refused" for o in objects):
+        return "completed_with_errors", EXIT_COMPLETED_WITH_ERRORS, None
+    return "completed", EXIT_COMPLETED, None
 
 
 @contextmanager
@@ -305,6 +133,24 @@ def database(settings: Settings) -> Iterator[tuple[str, str]]:
         yield embedded, embedded
 
 
+@contextmanager
+def ledger_session(
+    settings: Settings, migrate: bool, purpose: str
+) -> Iterator[tuple[Ledger, str, str]]:
+    """Database, schema check (the embedded one is migrated), and the run's ledger connection."""
+    with ExitStack() as stack:
+        url, shown = stack.enter_context(database(settings))
+        logs.add_secrets(settings.secret_values() + url_secrets(url))
+        conn = db.connect(url, f"batch-pipeline {purpose}")
+        stack.callback(conn.close)
+        if migrate or settings.database_url is None:
+            applied = db.migrate(conn)
+            if applied:
+                log.info("applied migration(s): %s", ", ".join(m.script for m in applied))
+        db.require_schema(conn)
+        yield Ledger(conn), url, shown
+
+
 def s3_client_for(settings: Settings) -> Any | None:
     if settings.SOURCE_URI and source.is_s3(settings.SOURCE_URI):
         secret = settings.SECRET.get_secret_value() if settings.SECRET else None
@@ -317,11 +163,8 @@ def require_run_settings(settings: Settings, options: RunOptions) -> None:
         raise ConfigError("SOURCE_URI is required: set it or pass --source s3://bucket/prefix/")
     if not options.dry_run and not settings.ML_API_URL:
         raise ConfigError("ML_API_URL is required: set it or pass --ml-api-url http://host:port")
-    if not source.is_s3(settings.SOURCE_URI):
-        from pathlib import Path
-
-        if not Path(settings.SOURCE_URI).exists():
-            raise ConfigError(f"SOURCE_URI: no such file or folder: {settings.SOURCE_URI}")
+    if not source.is_s3(settings.SOURCE_URI) and not Path(settings.SOURCE_URI).exists():
+        raise ConfigError(f"SOURCE_URI: no such file or folder: {settings.SOURCE_URI}")
     if options.limit is not None and options.limit < 1:
         raise ConfigError("--limit must be at least 1")
 
@@ -329,12 +172,27 @@ def require_run_settings(settings: Settings, options: RunOptions) -> None:
 def run_pipeline(
     settings: Settings, options: RunOptions, stop: StopSignal | None = None
 ) -> RunReport:
-    """Run the job once. Raises only for errors before any work (configuration)."""
+    """Run the job once. Raises only for errors before any work (configuration, schema)."""
     require_run_settings(settings, options)
     stop = stop or StopSignal()
     if options.dry_run:
         return DryRun(settings, options, stop).execute()
     return Run(settings, options, stop).execute()
+
+
+def read_errors(obj: SourceObject, exc: BaseException) -> tuple[str, str] | None:
+    """(status, message) for an error reading one object, or None if it is not one."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, MissingColumnsError):
+        return "refused", str(exc)
+    if isinstance(exc, SourceError):
+        return "failed", str(exc)
+    if isinstance(exc, BotoCoreError | ClientError):
+        return "failed", source.describe_s3_error(exc, obj.uri)
+    if isinstance(exc, OSError | UnicodeError | ValueError | EOFError):
+        return "failed", f"{obj.uri}: {type(exc).__name__}: {exc}"
+    return None
 
 
 class Run:
@@ -344,214 +202,106 @@ class Run:
         self.stop = stop
         self.outcomes: list[ObjectOutcome] = []
         self.started = time.time()
-        self.run_id = ""
-        self.client: ScoringClient | None = None
-        self.sink: Sink | None = None
-        self.database_shown: str | None = None
+        self.flow: ScoreAndWrite | None = None
 
     def execute(self) -> RunReport:
-        settings = self.settings
-        with ExitStack() as stack:
-            url, shown = stack.enter_context(database(settings))
-            self.database_shown = shown
-            logs.add_secrets(settings.secret_values() + url_secrets(url))
-            conn = db.connect(url, "batch-pipeline ledger")
-            stack.callback(conn.close)
-            self._prepare_schema(conn, embedded=settings.database_url is None)
-            ledger = Ledger(conn)
-            self.run_id = ledger.start_run(datetime.now(), settings.SOURCE_URI, settings.redacted())
+        with ledger_session(self.settings, self.options.migrate, "ledger") as (ledger, url, shown):
+            run_id = ledger.start_run(
+                datetime.now(), self.settings.SOURCE_URI, self.settings.redacted()
+            )
             log.info("Starting batch pipeline")
-            log.info("Pipeline Run ID: %s", self.run_id)
+            log.info("Pipeline Run ID: %s", run_id)
             error: PipelineError | None = None
             try:
-                self._process(ledger, url)
+                self._process(ledger, url, run_id)
             except PipelineError as exc:
                 error = exc
             except Exception as exc:  # a bug: record the run as failed all the same
                 log.exception("internal error")
                 error = PipelineError(f"internal error: {type(exc).__name__}: {exc}")
-            report = self._report(error)
-            self._finish(ledger, report)
+            report = self._report(run_id, error, shown)
+            finish_run(ledger, report)
             return report
         raise AssertionError("unreachable")
 
-    def _prepare_schema(self, conn: Any, embedded: bool) -> None:
-        if self.options.migrate or embedded:
-            applied = db.migrate(conn)
-            if applied:
-                log.info(
-                    "applied %d migration(s): %s",
-                    len(applied),
-                    ", ".join(m.script for m in applied),
-                )
-        db.require_schema(conn)
-
-    def _process(self, ledger: Ledger, url: str) -> None:
+    def _process(self, ledger: Ledger, url: str, run_id: str) -> None:
         settings = self.settings
-        assert settings.SOURCE_URI and settings.ML_API_URL
+        assert settings.SOURCE_URI
         s3 = s3_client_for(settings)
         objects = source.list_objects(settings.SOURCE_URI, s3)
         if self.options.limit is not None:
             objects = objects[: self.options.limit]
-        ledger.set_objects_total(self.run_id, len(objects))
+        ledger.set_objects_total(run_id, len(objects))
         log.info("Found %d object(s) under %s", len(objects), settings.SOURCE_URI)
-
-        client = ScoringClient(
-            settings.ML_API_URL,
-            NativeCodec(),
-            timeout=settings.API_TIMEOUT,
-            max_retries=settings.API_MAX_RETRIES,
-            backoff=settings.API_RETRY_BACKOFF,
-            backoff_max=settings.API_RETRY_BACKOFF_MAX,
-            pool_size=settings.API_MAX_WORKERS,
-        )
-        self.client = client
-        client.check_ready()
-        sink = Sink(url, self.run_id, settings.DB_ROW_BATCH_SIZE)
-        self.sink = sink
-
-        self.stop.on_set(lambda exc: client.stop(str(exc)))
-
-        def abort(exc: PipelineError) -> None:
-            self.stop.set(exc)
-
-        writer = Writer(sink, settings, abort, queue_size=max(8, 4 * settings.API_MAX_WORKERS))
-        executor = ThreadPoolExecutor(settings.API_MAX_WORKERS, thread_name_prefix="score")
-        writer.start()
+        flow = ScoreAndWrite(settings, url, run_id, self.stop)
+        self.flow = flow
         try:
-            self._read_all(objects, ledger, s3, client, executor, writer)
+            flow.start()
+            self._feed(objects, ledger, run_id, s3, flow)
+        except Stopping:
+            pass
         finally:
-            self._put(writer, _STOP, force=True)
-            writer.join()
-            executor.shutdown(wait=True, cancel_futures=True)
-            client.close()
-            sink.close()
-        if self.stop.error is not None:
-            raise self.stop.error  # the root cause, not what it caused downstream
-        if writer.error is not None:
-            raise writer.error
-        check_ratios(sink.run.counts, settings, final=True)
+            flow.finish()
+        check_ratios(flow.sink.run.counts, settings, final=True)
 
-    def _put(self, writer: Writer, item: object, force: bool = False) -> None:
-        """Queue an item for the writer, giving up if the run is stopping."""
-        while True:
-            if not writer.is_alive():
-                return
-            if self.stop.is_set() and not force:
-                raise _Stopping
-            try:
-                writer.items.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def _read_all(
-        self,
-        objects: list[SourceObject],
-        ledger: Ledger,
-        s3: Any,
-        client: ScoringClient,
-        executor: ThreadPoolExecutor,
-        writer: Writer,
+    def _feed(
+        self, objects: list[SourceObject], ledger: Ledger, run_id: str, s3: Any, flow: ScoreAndWrite
     ) -> None:
-        seq = 0
         chunk_number = 0
-        try:
-            for obj in objects:
-                if self.stop.is_set():
-                    return
-                claim = ledger.claim(self.run_id, obj, self.options.reprocess)
-                if claim.status == "completed":
-                    log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
-                    self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
-                    assert self.sink is not None
-                    self.sink.skip_object()
-                    continue
-                if claim.status == "locked":
-                    log.warning(
-                        "Skipping %s: another run (%s) is processing it",
-                        obj.uri,
-                        claim.held_by or "unknown",
-                    )
-                    self.outcomes.append(ObjectOutcome(obj.uri, "locked"))
-                    continue
-                if claim.status == "resume":
-                    log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
-                outcome = ObjectOutcome(obj.uri, "completed")
-                self.outcomes.append(outcome)
-                self._put(writer, _Begin(obj, claim.checkpoint_line, claim.prior))
-                error: str | None = None
-                try:
-                    with source.open_text(obj, s3) as (text, _counter):
-                        for chunk in source.read_chunks(
-                            obj, text, self.settings.ROW_BATCH_SIZE, claim.checkpoint_line
+        for obj in objects:
+            if self.stop.is_set():
+                return
+            claim = ledger.claim(run_id, obj, self.options.reprocess)
+            if claim.status == "completed":
+                log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
+                self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
+                flow.skip()
+                continue
+            if claim.status == "locked":
+                log.warning(
+                    "Skipping %s: another run (%s) is processing it",
+                    obj.uri,
+                    claim.held_by or "unknown",
+                )
+                self.outcomes.append(ObjectOutcome(obj.uri, "locked"))
+                continue
+            if claim.status == "resume":
+                log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
+            outcome = ObjectOutcome(obj.uri, "completed")
+            self.outcomes.append(outcome)
+            flow.begin(obj, claim.checkpoint_line, claim.prior)
+            try:
+                with source.open_text(obj, s3) as (text, _counter):
+                    for chunk in source.read_chunks(
+                        obj, text, self.settings.ROW_BATCH_SIZE, claim.checkpoint_line
+                    ):
+                        validated = validate_chunk(chunk)
+                        validated.valid = flow.prepare(validated.valid)
+                        for unit in plan_units(
+                            validated, self.settings.API_BATCH_SIZE, flow.next_seq(), chunk_number
                         ):
-                            validated = validate_chunk(chunk)
-                            validated.valid = client.prepare(validated.valid)
-                            for unit in plan_units(
-                                validated, self.settings.API_BATCH_SIZE, seq, chunk_number
-                            ):
-                                seq += 1
-                                future = self._submit(executor, client, unit)
-                                self._put(writer, _Unit(unit, future))
-                            chunk_number += 1
-                except MissingColumnsError as exc:
-                    error = str(exc)
-                    outcome.status = "refused"
-                    log.error("Refused %s", exc)
-                except SourceError as exc:
-                    error = str(exc)
-                    outcome.status = "failed"
-                    log.error("Cannot read %s: %s", obj.uri, exc)
-                except (OSError, UnicodeError, ValueError, EOFError) as exc:
-                    error = f"{obj.uri}: {type(exc).__name__}: {exc}"
-                    outcome.status = "failed"
-                    log.error("Cannot read %s: %s", obj.uri, error)
-                except Exception as exc:
-                    from botocore.exceptions import BotoCoreError, ClientError
+                            flow.submit(unit)
+                        chunk_number += 1
+            except Stopping:
+                raise
+            except Exception as exc:
+                problem = read_errors(obj, exc)
+                if problem is None:
+                    raise
+                outcome.status, outcome.error = problem
+                log.error(
+                    "%s %s",
+                    "Refused" if outcome.status == "refused" else "Cannot read",
+                    outcome.error,
+                )
+            flow.end(obj, outcome.error, functools.partial(ledger.release, obj))
 
-                    if not isinstance(exc, BotoCoreError | ClientError):
-                        raise
-                    error = source.describe_s3_error(exc, obj.uri)
-                    outcome.status = "failed"
-                    log.error("Cannot read %s: %s", obj.uri, error)
-                outcome.error = error
-                self._put(writer, _End(obj, error, functools.partial(ledger.release, obj)))
-        except _Stopping:
-            return
-
-    def _submit(
-        self, executor: ThreadPoolExecutor, client: ScoringClient, unit: WorkUnit
-    ) -> Future[ScoreResult]:
-        if unit.transactions.height == 0:
-            done: Future[ScoreResult] = Future()
-            done.set_result(ScoreResult())
-            return done
-        return executor.submit(client.score, unit.transactions)
-
-    def _report(self, error: PipelineError | None) -> RunReport:
-        sink = self.sink
-        counts = sink.run.counts if sink else Counts()
-        refused = any(o.status == "refused" for o in self.outcomes)
-        failed_objects = any(o.status == "failed" for o in self.outcomes)
-        status: RunStatus
-        if error is not None:
-            exit_code = error.exit_code
-            status = "interrupted" if exit_code in (130, 143) else "failed"
-            message: str | None = str(error)
-        elif failed_objects:
-            exit_code, status = EXIT_FAILED, "failed"
-            bad = [o for o in self.outcomes if o.status == "failed"]
-            message = f"{len(bad)} object(s) could not be read: " + "; ".join(
-                str(o.error) for o in bad[:5]
-            )
-        elif counts.invalid or counts.failed or refused:
-            exit_code, status, message = EXIT_COMPLETED_WITH_ERRORS, "completed_with_errors", None
-        else:
-            exit_code, status, message = EXIT_COMPLETED, "completed", None
-        client = self.client
+    def _report(self, run_id: str, error: PipelineError | None, shown: str) -> RunReport:
+        flow = self.flow
+        counts = flow.sink.run.counts if flow else Counts()
+        status, exit_code, message = decide(error, counts, self.outcomes)
         return RunReport(
-            run_id=self.run_id,
+            run_id=run_id,
             status=status,
             exit_code=exit_code,
             counts=counts,
@@ -559,24 +309,22 @@ class Run:
             started_at=self.started,
             finished_at=time.time(),
             error=message,
-            model_version=sink.run.model_version if sink else None,
-            database=self.database_shown,
-            api_requests=client.stats.requests if client else 0,
-            api_retries=client.stats.retries if client else 0,
-            flushes=sink.run.flushes if sink else 0,
+            model_version=flow.sink.run.model_version if flow else None,
+            database=shown,
+            api_requests=flow.client.stats.requests if flow else 0,
+            api_retries=flow.client.stats.retries if flow else 0,
+            flushes=flow.sink.run.flushes if flow else 0,
+            flush_seconds=flow.sink.run.flush_seconds if flow else 0.0,
         )
 
-    def _finish(self, ledger: Ledger, report: RunReport) -> None:
-        try:
-            ledger.finish_run(
-                self.run_id, report.status, report.error, report.summary(), report.model_version
-            )
-        except Exception as exc:  # the report still reaches the user
-            log.error("could not record the end of run %s: %s", self.run_id, db.first_line(exc))
 
-
-class _Stopping(Exception):
-    """Internal: the reader noticed the stop signal while queueing."""
+def finish_run(ledger: Ledger, report: RunReport) -> None:
+    try:
+        ledger.finish_run(
+            report.run_id, report.status, report.error, report.summary(), report.model_version
+        )
+    except Exception as exc:  # the report still reaches the user
+        log.error("could not record the end of run %s: %s", report.run_id, db.first_line(exc))
 
 
 class DryRun:
@@ -617,35 +365,18 @@ class DryRun:
                             )
                             outcome.counts.add(c)
                             counts.add(c)
-                except MissingColumnsError as exc:
-                    outcome.status, outcome.error = "refused", str(exc)
-                    log.error("Refused %s", exc)
-                except (SourceError, OSError, ValueError, EOFError) as exc:
-                    outcome.status, outcome.error = "failed", str(exc)
-                    log.error("Cannot read %s: %s", obj.uri, exc)
+                except Exception as exc:
+                    problem = read_errors(obj, exc)
+                    if problem is None:
+                        raise
+                    outcome.status, outcome.error = problem
+                    log.error("Cannot read %s", outcome.error)
             if self.stop.error is not None:
                 raise self.stop.error
-        except PipelineError as exc:
+            check_ratios(counts, settings, final=True)
+        except (PipelineError, ThresholdExceededError) as exc:
             error = exc
-        refused = any(o.status == "refused" for o in outcomes)
-        failed = any(o.status == "failed" for o in outcomes)
-        status: RunStatus
-        if error is not None:
-            exit_code = error.exit_code
-            status = "interrupted" if exit_code in (130, 143) else "failed"
-        elif failed:
-            exit_code, status = EXIT_FAILED, "failed"
-        else:
-            try:
-                check_ratios(counts, settings, final=True)
-            except ThresholdExceededError as exc:
-                error = exc
-            if error is not None:
-                exit_code, status = error.exit_code, "failed"
-            elif counts.invalid or refused:
-                exit_code, status = EXIT_COMPLETED_WITH_ERRORS, "completed_with_errors"
-            else:
-                exit_code, status = EXIT_COMPLETED, "completed"
+        status, exit_code, message = decide(error, counts, outcomes)
         return RunReport(
             run_id=run_id,
             status=status,
@@ -654,6 +385,6 @@ class DryRun:
             objects=outcomes,
             started_at=started,
             finished_at=time.time(),
-            error=str(error) if error else None,
+            error=message,
             dry_run=True,
         )

@@ -83,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply the pending database migrations")
     add_settings_flags(migrate)
 
+    retry = commands.add_parser(
+        "retry-failed", help="score the transactions in failed_transactions again"
+    )
+    retry.add_argument("--run", metavar="RUN_ID", help="only the failures of this run")
+    add_settings_flags(retry)
+
+    status = commands.add_parser("status", help="show a run (default: the latest)")
+    status.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    add_settings_flags(status)
+
+    report = commands.add_parser("report", help="write a run's summary report")
+    report.add_argument("run_id", metavar="RUN_ID")
+    report.add_argument("--format", choices=["json", "markdown", "csv"], default="markdown")
+    report.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
+    add_settings_flags(report)
+
     demo = commands.add_parser(
         "demo",
         help="run the real pipeline on generated sample data, the reference model and the embedded database",
@@ -128,6 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args, settings)
         if args.command == "migrate":
             return cmd_migrate(settings)
+        if args.command == "retry-failed":
+            return cmd_retry_failed(args, settings)
+        if args.command == "status":
+            return cmd_status(args, settings)
+        if args.command == "report":
+            return cmd_report(args, settings)
         if args.command == "demo":
             return cmd_demo(args, settings)
         if args.command == "query":
@@ -197,6 +219,56 @@ def print_summary(report: Any) -> None:
     if s["error"]:
         lines.append(f"error:         {s['error']}")
     print("\n".join(lines), flush=True)
+
+
+def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
+    from library.retry import retry_failed
+    from library.run import StopSignal
+
+    stop = StopSignal()
+    install_signal_handlers(stop)
+    report = retry_failed(settings, args.run, stop)
+    c = report.counts
+    if report.error:
+        log.error("Run %s %s: %s", report.run_id, report.status, report.error)
+    log.info("Retry complete: %d scored, %d still failing", c.scored, c.failed)
+    print_summary(report)
+    return report.exit_code
+
+
+def read_only(settings: Settings, action: Any) -> Any:
+    """Run `action(conn)` on the database in a read-only transaction."""
+    from library.run import database
+
+    with database(settings) as (url, _shown):
+        conn = db.connect(url, "batch-pipeline report")
+        try:
+            db.require_schema(conn)
+            with conn.transaction():
+                conn.execute("SET TRANSACTION READ ONLY")
+                return action(conn)
+        finally:
+            conn.close()
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from library.reports import render_status, run_status
+
+    print(render_status(read_only(settings, lambda c: run_status(c, args.run_id))))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    from library.reports import RENDERERS, run_report
+
+    text = RENDERERS[args.format](read_only(settings, lambda c: run_report(c, args.run_id)))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+        log.info("wrote the %s report of %s to %s", args.format, args.run_id, args.output)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

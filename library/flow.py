@@ -1,0 +1,314 @@
+"""Scoring and writing in source order: the pool, the bounded queue, the writer thread.
+
+    feeder (caller's thread)  submits each unit to the scoring pool, then queues it
+    scoring pool              API_MAX_WORKERS threads, each scoring one unit at a time
+    writer thread             takes units in queue order, waits for each one's scores
+                              and hands it to the sink
+
+The queue bounds the units read but not yet written, so memory stays flat
+however large the input. Writing in source order is what makes the latest row
+win and every checkpoint exact. Whatever stops the run (an interrupt, the API
+down, a threshold crossed, a database error) stops the feeder first, then lets
+the writer flush every unit fully scored before the first one that was not:
+nothing is half-written, and the next run resumes where this one ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import polars as pl
+
+from library.config import Settings
+from library.errors import DatabaseError, PipelineError, ThresholdExceededError
+from library.faults import failpoint
+from library.models import Counts, ScoreResult, SourceObject, WorkUnit
+from library.score.client import ScoringClient
+from library.score.codec import NativeCodec
+from library.sink import Sink
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS_FOR_RATIO = 1000  # a ratio over fewer rows says little; the end-of-run check still applies
+
+
+class StopSignal:
+    """Set by a signal handler or an aborting stage; the feeder checks it between units.
+
+    The first error set is the root cause and the one reported."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: PipelineError | None = None
+        self._listeners: list[Callable[[PipelineError], None]] = []
+
+    def set(self, error: PipelineError) -> None:
+        if self.error is None:
+            self.error = error
+        self.event.set()
+        for listener in list(self._listeners):
+            listener(self.error)
+
+    def on_set(self, listener: Callable[[PipelineError], None]) -> None:
+        self._listeners.append(listener)
+        if self.error is not None:
+            listener(self.error)
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+class Stopping(Exception):
+    """Raised to the feeder when the run is stopping: stop reading."""
+
+
+def check_ratios(counts: Counts, settings: Settings, final: bool) -> None:
+    """Raise ThresholdExceededError when a ratio of the contract is crossed."""
+    if counts.read == 0 or (not final and counts.read < MIN_ROWS_FOR_RATIO):
+        return
+    invalid_ratio = counts.invalid / counts.read
+    if invalid_ratio > settings.MAX_INVALID_RATIO:
+        raise ThresholdExceededError(
+            f"MAX_INVALID_RATIO crossed: {counts.invalid} of {counts.read} rows read are invalid "
+            f"({invalid_ratio:.2%} > {settings.MAX_INVALID_RATIO:.2%})"
+        )
+    if counts.valid:
+        failed_ratio = counts.failed / counts.valid
+        if failed_ratio > settings.MAX_FAILED_RATIO:
+            raise ThresholdExceededError(
+                f"MAX_FAILED_RATIO crossed: {counts.failed} of {counts.valid} valid transactions "
+                f"could not be scored ({failed_ratio:.2%} > {settings.MAX_FAILED_RATIO:.2%})"
+            )
+
+
+@dataclass
+class _Begin:
+    obj: SourceObject
+    checkpoint_line: int
+    prior: Counts | None
+
+
+@dataclass
+class _Unit:
+    unit: WorkUnit
+    future: Future[ScoreResult]
+
+
+@dataclass
+class _End:
+    obj: SourceObject
+    error: str | None
+    release: Callable[[], None]
+
+
+@dataclass
+class _Skip:
+    pass
+
+
+_STOP = object()
+
+
+class Writer(threading.Thread):
+    """Consumes the queue in order and writes through the sink."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        settings: Settings,
+        on_abort: Callable[[PipelineError], None],
+        queue_size: int,
+        ratios: bool,
+    ) -> None:
+        super().__init__(name="writer", daemon=True)
+        self.sink = sink
+        self.settings = settings
+        self.items: queue.Queue[object] = queue.Queue(maxsize=queue_size)
+        self.error: PipelineError | None = None
+        self._on_abort = on_abort
+        self._ratios = ratios
+        self._chunk_counts = Counts()
+
+    def run(self) -> None:
+        try:
+            self._consume()
+        except DatabaseError as exc:
+            self._abort(exc)
+        except PipelineError as exc:
+            self._abort(exc)
+            self._flush_after_abort()
+        except Exception as exc:  # a bug: still stop cleanly and say so
+            log.exception("writer failed")
+            self._abort(PipelineError(f"internal error in the writer: {exc}"))
+        finally:
+            self._drain()
+
+    def _flush_after_abort(self) -> None:
+        """Keep what was fully scored before the stop; a failing database is left alone."""
+        try:
+            self.sink.flush()
+        except PipelineError as exc:
+            log.error("could not flush after the stop: %s", exc)
+
+    def _abort(self, exc: PipelineError) -> None:
+        if self.error is None:
+            self.error = exc
+            self._on_abort(exc)
+
+    def _consume(self) -> None:
+        interval = self.settings.DB_FLUSH_INTERVAL
+        while True:
+            try:
+                item = self.items.get(timeout=interval)
+            except queue.Empty:
+                if self.sink.pending_rows:
+                    self.sink.flush()  # keep checkpoints fresh while scoring is slow
+                continue
+            if item is _STOP:
+                self.sink.flush()
+                return
+            if isinstance(item, _Begin):
+                self.sink.begin_object(item.obj, item.checkpoint_line, item.prior)
+            elif isinstance(item, _Unit):
+                try:
+                    result = item.future.result()
+                except PipelineError:
+                    self.sink.flush()  # everything before this unit is complete: keep it
+                    raise
+                self.sink.add(item.unit, result)
+                self._log_chunk(item.unit, result)
+                if self._ratios:
+                    check_ratios(self.sink.run.counts, self.settings, final=False)
+            elif isinstance(item, _End):
+                self.sink.end_object(item.obj, item.error)
+                item.release()
+                failpoint("after_object")
+            elif isinstance(item, _Skip):
+                self.sink.skip_object()
+
+    def _drain(self) -> None:
+        """After a stop: cancel what was queued so that no worker scores for nothing."""
+        while True:
+            try:
+                item = self.items.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Unit):
+                item.future.cancel()
+            elif isinstance(item, _End):
+                item.release()
+
+    def _log_chunk(self, unit: WorkUnit, result: ScoreResult) -> None:
+        self._chunk_counts.add(unit.counts(result))
+        if unit.last_of_chunk:
+            c = self._chunk_counts
+            log.info(
+                "Batch %d: processed %d transactions (%d scored, %d failed, %d invalid) from %s",
+                unit.chunk,
+                c.read,
+                c.scored,
+                c.failed,
+                c.invalid,
+                unit.obj.uri,
+            )
+            self._chunk_counts = Counts()
+
+
+class ScoreAndWrite:
+    """The scoring pool and the ordered writer of one run. Feed it from one thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        database_url: str,
+        run_id: str,
+        stop: StopSignal,
+        ratios: bool = True,
+    ) -> None:
+        assert settings.ML_API_URL
+        self.settings = settings
+        self.stop = stop
+        self.client = ScoringClient(
+            settings.ML_API_URL,
+            NativeCodec(),
+            timeout=settings.API_TIMEOUT,
+            max_retries=settings.API_MAX_RETRIES,
+            backoff=settings.API_RETRY_BACKOFF,
+            backoff_max=settings.API_RETRY_BACKOFF_MAX,
+            pool_size=settings.API_MAX_WORKERS,
+        )
+        self.sink = Sink(database_url, run_id, settings.DB_ROW_BATCH_SIZE)
+        stop.on_set(lambda exc: self.client.stop(str(exc)))
+        self.writer = Writer(
+            self.sink,
+            settings,
+            stop.set,
+            queue_size=max(8, 4 * settings.API_MAX_WORKERS),
+            ratios=ratios,
+        )
+        self.executor = ThreadPoolExecutor(settings.API_MAX_WORKERS, thread_name_prefix="score")
+        self._seq = 0
+
+    def start(self) -> None:
+        self.client.check_ready()
+        self.writer.start()
+
+    # -- feeding, in source order ----------------------------------------------
+
+    def prepare(self, frame: pl.DataFrame) -> pl.DataFrame:
+        return self.client.prepare(frame)
+
+    def next_seq(self) -> int:
+        return self._seq
+
+    def begin(self, obj: SourceObject, checkpoint_line: int, prior: Counts | None) -> None:
+        self._put(_Begin(obj, checkpoint_line, prior))
+
+    def submit(self, unit: WorkUnit) -> None:
+        self._seq = unit.seq + 1
+        if unit.transactions.height == 0:
+            future: Future[ScoreResult] = Future()
+            future.set_result(ScoreResult())
+        else:
+            future = self.executor.submit(self.client.score, unit.transactions)
+        self._put(_Unit(unit, future))
+
+    def end(self, obj: SourceObject, error: str | None, release: Callable[[], None]) -> None:
+        self._put(_End(obj, error, release))
+
+    def skip(self) -> None:
+        self._put(_Skip())
+
+    def _put(self, item: object, force: bool = False) -> None:
+        while self.writer.is_alive():
+            if self.stop.is_set() and not force:
+                raise Stopping
+            try:
+                self.writer.items.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        if not force:
+            raise Stopping
+
+    # -- the end ---------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Flush and stop; raise what stopped the run, the root cause first."""
+        try:
+            if self.writer.is_alive():
+                self._put(_STOP, force=True)
+                self.writer.join()
+        finally:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.client.close()
+            self.sink.close()
+        if self.stop.error is not None:
+            raise self.stop.error
+        if self.writer.error is not None:
+            raise self.writer.error

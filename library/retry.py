@@ -1,0 +1,129 @@
+"""`retry-failed`: score the transactions in failed_transactions again.
+
+The unresolved failures (all, or one run's) are read back with their stored
+transactions and fed to the same scoring flow as a run: the ones that score
+now get their prediction and their failure resolved in the same flush; the
+others stay failed with their new reason and attempts. Recorded as a run of
+its own in pipeline_runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import polars as pl
+
+from library import db
+from library.batching import plan_units
+from library.config import Settings
+from library.errors import ConfigError, PipelineError
+from library.flow import ScoreAndWrite, Stopping, StopSignal
+from library.models import LINE_COLUMN, Counts, SourceObject, ValidatedChunk
+from library.run import RunReport, decide, finish_run, ledger_session
+
+log = logging.getLogger(__name__)
+
+FAILED_ROWS = """
+SELECT t.transaction_id, t.event_time, t.account_id, t.merchant_id, t.merchant_category,
+       t.amount, t.currency::text, t.country::text, t.channel, t.card_present,
+       t.source_line, t.source_uri, t.source_version
+FROM failed_transactions f JOIN transactions t USING (transaction_id)
+WHERE f.resolved_at IS NULL AND (%(run)s::text IS NULL OR f.run_id = %(run)s)
+ORDER BY t.source_uri, t.source_version, t.source_line
+"""
+
+SCHEMA = pl.Schema(
+    {
+        "transaction_id": pl.String(),
+        "event_time": pl.Datetime("us", "UTC"),
+        "account_id": pl.String(),
+        "merchant_id": pl.String(),
+        "merchant_category": pl.String(),
+        "amount": pl.Decimal(12, 2),
+        "currency": pl.String(),
+        "country": pl.String(),
+        "channel": pl.String(),
+        "card_present": pl.Boolean(),
+        LINE_COLUMN: pl.Int64(),
+    }
+)
+
+
+def failed_chunks(url: str, run: str | None, size: int) -> Iterator[ValidatedChunk]:
+    """The unresolved failures as chunks of typed transactions, one object at a time."""
+    conn = db.connect(url, "batch-pipeline retry reader")
+    try:
+        with conn.transaction(), conn.cursor(name="failed_rows") as cur:
+            cur.itersize = size
+            cur.execute(FAILED_ROWS, {"run": run})
+            index = 0
+            while rows := cur.fetchmany(size):
+                by_object: dict[tuple[str, str], list[tuple[object, ...]]] = {}
+                for r in rows:
+                    by_object.setdefault((r[11], r[12]), []).append(r[:11])
+                for (uri, version), part in by_object.items():
+                    frame = pl.DataFrame(part, schema=SCHEMA, orient="row")
+                    last = max(int(r[10]) for r in part)  # type: ignore[call-overload]
+                    yield ValidatedChunk(SourceObject(uri, version), index, frame, [], last)
+                    index += 1
+    finally:
+        conn.close()
+
+
+def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunReport:
+    if not settings.ML_API_URL:
+        raise ConfigError("ML_API_URL is required: set it or pass --ml-api-url http://host:port")
+    started = time.time()
+    label = "retry-failed" + (f" --run {run}" if run else "")
+    with ledger_session(settings, False, "retry") as (ledger, url, shown):
+        waiting = ledger.conn.execute(
+            "SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL"
+            " AND (%(run)s::text IS NULL OR run_id = %(run)s)",
+            {"run": run},
+        ).fetchone()
+        run_id = ledger.start_run(datetime.now(), label, settings.redacted())
+        log.info(
+            "Pipeline Run ID: %s (%s: %d transaction(s) to score again)",
+            run_id,
+            label,
+            waiting[0] if waiting else 0,
+        )
+        flow = ScoreAndWrite(settings, url, run_id, stop, ratios=False)
+        error: PipelineError | None = None
+        try:
+            try:
+                flow.start()
+                for number, chunk in enumerate(failed_chunks(url, run, settings.ROW_BATCH_SIZE)):
+                    chunk.valid = flow.prepare(chunk.valid)
+                    for unit in plan_units(chunk, settings.API_BATCH_SIZE, flow.next_seq(), number):
+                        flow.submit(unit)
+            except Stopping:
+                pass
+            finally:
+                flow.finish()
+        except PipelineError as exc:
+            error = exc
+        counts: Counts = flow.sink.run.counts
+        status, exit_code, message = decide(error, counts, [])
+        report = RunReport(
+            run_id=run_id,
+            status=status,
+            exit_code=exit_code,
+            counts=counts,
+            objects=[],
+            started_at=started,
+            finished_at=time.time(),
+            error=message,
+            model_version=flow.sink.run.model_version,
+            database=shown,
+            api_requests=flow.client.stats.requests,
+            api_retries=flow.client.stats.retries,
+            flushes=flow.sink.run.flushes,
+            flush_seconds=flow.sink.run.flush_seconds,
+        )
+        finish_run(ledger, report)
+        return report
+    raise AssertionError("unreachable")
