@@ -1,0 +1,215 @@
+"""Operating the job: lineage and skipping, --limit, retry-failed, status, report,
+monitoring views, and the error thresholds."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from tests.conftest import Bucket, Database, run_cli
+from tests.helpers.data import row, rows, to_csv
+from tests.helpers.fake_model import FakeModel
+
+
+def test_completed_objects_are_skipped_and_a_changed_object_is_read_again(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(10)))
+    bucket.put("in/b.csv", to_csv(rows(10, start=10)))
+    env = {**cli_env, "SOURCE_URI": bucket.uri("in/")}
+    assert run_cli(["run"], env).code == 0
+    again = run_cli(["run"], env)
+    assert again.code == 0
+    assert again.stderr.count("already completed at version") == 2
+    assert "objects:       2 skipped" in again.stdout
+    bucket.put("in/b.csv", to_csv([*rows(10, start=10), row(99)]))  # a new version (ETag)
+    third = run_cli(["run"], env)
+    assert third.code == 0
+    assert "11 read" in third.stdout and "1 completed, 1 skipped" in third.stdout
+    assert database.rows(
+        "SELECT count(*), count(DISTINCT source_version) FROM source_objects WHERE source_uri LIKE '%b.csv'"
+    ) == [(2, 2)]
+    runs = database.rows(
+        "SELECT objects_done, objects_skipped FROM pipeline_runs ORDER BY started_at, run_id"
+    )
+    assert runs == [(2, 0), (0, 2), (1, 1)]
+
+
+def test_limit_processes_at_most_n_objects(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    for name in ("a", "b", "c"):
+        bucket.put(f"in/{name}.csv", to_csv(rows(5, start=ord(name) * 100)))
+    env = {**cli_env, "SOURCE_URI": bucket.uri("in/")}
+    first = run_cli(["run", "--limit", "2"], env)
+    assert first.code == 0 and "objects:       2 completed" in first.stdout
+    assert database.value("SELECT count(*) FROM transactions") == 10
+    second = run_cli(["run"], env)
+    assert "1 completed, 2 skipped" in second.stdout
+    assert database.value("SELECT count(*) FROM transactions") == 15
+
+
+def test_retry_failed_scores_failures_again_and_resolves_them(
+    bucket: Bucket, cli_env: dict[str, str], database: Database, fake_model: FakeModel
+) -> None:
+    fake_model.knobs.poison_ids = {"tx-000004", "tx-000017"}
+    bucket.put("in/a.csv", to_csv(rows(40)))
+    env = {
+        **cli_env,
+        "ML_API_URL": fake_model.url,
+        "SOURCE_URI": bucket.uri("in/"),
+        "MAX_FAILED_RATIO": "0.1",
+    }
+    first = run_cli(["run"], env)
+    assert first.code == 3
+    assert database.value("SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL") == 2
+    fake_model.knobs.poison_ids = {"tx-000017"}  # the model was fixed for one of them
+    retry = run_cli(["retry-failed"], env)
+    assert retry.code == 3, retry.output
+    assert "Retry complete: 1 scored, 1 still failing" in retry.stderr
+    assert database.rows(
+        "SELECT transaction_id, resolved_at IS NULL, attempts FROM failed_transactions ORDER BY 1"
+    ) == [("tx-000004", False, 1), ("tx-000017", True, 2)]
+    assert database.value("SELECT count(*) FROM predictions") == 39
+    fake_model.knobs.poison_ids = set()
+    first_run = database.value(
+        "SELECT run_id FROM pipeline_runs ORDER BY started_at, run_id LIMIT 1"
+    )
+    assert (
+        run_cli(["retry-failed", "--run", "batch_19990101_000000"], env).code == 0
+    )  # nothing of that run
+    assert database.value("SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL") == 1
+    last = run_cli(["retry-failed"], env)
+    assert last.code == 0, last.output
+    assert database.value("SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL") == 0
+    assert database.value("SELECT count(*) FROM predictions") == 40
+    assert (
+        database.value("SELECT count(*) FROM pipeline_runs WHERE source_uri LIKE 'retry-failed%%'")
+        == 3
+    )
+    assert first_run.startswith("batch_")
+
+
+def run_with_errors(
+    bucket: Bucket, env: dict[str, str], fake_model: FakeModel
+) -> tuple[dict[str, str], str]:
+    fake_model.knobs.poison_ids = {"tx-000002"}
+    bucket.put("in/a.csv", to_csv([*rows(20), row(90, amount="-1"), row(91, amount="0")]))
+    bucket.put("in/b.csv", to_csv([*rows(10, start=20), row(92, currency="eur")]))
+    env = {
+        **env,
+        "ML_API_URL": fake_model.url,
+        "SOURCE_URI": bucket.uri("in/"),
+        "MAX_INVALID_RATIO": "0.5",
+        "MAX_FAILED_RATIO": "0.5",
+    }
+    result = run_cli(["run"], env)
+    assert result.code == 3, result.output
+    run_id = result.stdout.split()[1]
+    return env, run_id
+
+
+def test_status_shows_the_latest_run_or_a_given_one(
+    bucket: Bucket, cli_env: dict[str, str], fake_model: FakeModel
+) -> None:
+    env, run_id = run_with_errors(bucket, cli_env, fake_model)
+    latest = run_cli(["status"], env)
+    assert latest.code == 0, latest.output
+    assert f"run_id:      {run_id}" in latest.stdout
+    assert "status:      completed_with_errors" in latest.stdout
+    assert "rows:        33 read, 30 valid, 3 invalid, 29 scored, 1 failed" in latest.stdout
+    assert "objects:     2 total: 2 done, 0 failed, 0 skipped, 0 left" in latest.stdout
+    assert "throughput:" in latest.stdout
+    assert run_cli(["status", run_id], env).stdout == latest.stdout
+    missing = run_cli(["status", "batch_19990101_000000"], env)
+    assert missing.code == 1 and "no run batch_19990101_000000" in missing.stderr
+
+
+def test_report_in_json_markdown_and_csv(
+    bucket: Bucket, cli_env: dict[str, str], fake_model: FakeModel, tmp_path: object
+) -> None:
+    env, run_id = run_with_errors(bucket, cli_env, fake_model)
+    as_json = run_cli(["report", run_id, "--format", "json"], env)
+    assert as_json.code == 0, as_json.output
+    report = json.loads(as_json.stdout)
+    assert report["run"]["rows_read"] == 33
+    assert [
+        (o["source_uri"].rsplit("/", 1)[1], o["rows_read"], o["rows_invalid"])
+        for o in report["objects"]
+    ] == [
+        ("a.csv", 22, 2),
+        ("b.csv", 11, 1),
+    ]
+    reasons = {(g["column_name"], g["reason"]): g for g in report["invalid_reasons"]}
+    assert reasons[("amount", "must be greater than 0")]["rows"] == 2
+    assert reasons[("amount", "must be greater than 0")]["examples"][0]["line_number"] == 22
+    assert reasons[("currency", "must be an ISO 4217 code: 3 upper-case letters")]["rows"] == 1
+    [failure] = report["failures"]
+    assert failure["http_status"] == 422 and failure["examples"] == ["tx-000002"]
+    assert report["timings"]["api_requests"] >= 4 and report["timings"]["flushes"] >= 1
+
+    markdown = run_cli(["report", run_id, "--format", "markdown"], env).stdout
+    assert f"# Run {run_id}" in markdown and "## Invalid rows by reason" in markdown
+    assert "| amount | must be greater than 0 | 2 |" in markdown
+
+    out = tmp_path / "report.csv"  # type: ignore[operator]
+    assert run_cli(["report", run_id, "--format", "csv", "--output", str(out)], env).code == 0
+    table = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert {
+        "section": "run",
+        "name": "rows_invalid",
+        "detail": "completed_with_errors",
+        "count": "3",
+    } in table
+    assert any(r["section"] == "failure_reason" and r["count"] == "1" for r in table)
+
+
+def test_monitoring_views(
+    bucket: Bucket, cli_env: dict[str, str], fake_model: FakeModel, database: Database
+) -> None:
+    run_with_errors(bucket, cli_env, fake_model)
+    assert database.rows("SELECT status, objects_left, rows_read FROM run_progress") == [
+        ("completed_with_errors", 0, 33)
+    ]
+    assert database.rows("SELECT column_name, rows FROM invalid_reasons ORDER BY 1") == [
+        ("amount", 2),
+        ("currency", 1),
+    ]
+    assert database.rows("SELECT http_status, transactions FROM failure_reasons") == [(422, 1)]
+    assert database.rows("SELECT status, objects, rows_read FROM objects_by_status") == [
+        ("completed", 2, 33)
+    ]
+
+
+def test_invalid_ratio_stops_the_run_early(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bad = [row(i, amount="-1") for i in range(1500)]
+    bucket.put("in/a.csv", to_csv([*bad, *rows(6000, start=2000)]))
+    env = {
+        **cli_env,
+        "SOURCE_URI": bucket.uri("in/"),
+        "ROW_BATCH_SIZE": "500",
+        "DB_ROW_BATCH_SIZE": "500",
+    }
+    result = run_cli(["run"], env)
+    assert result.code == 4, result.output
+    assert "MAX_INVALID_RATIO crossed" in result.stderr
+    read = database.value("SELECT rows_read FROM pipeline_runs")
+    assert 1000 <= read < 7500  # stopped before reading everything
+    assert database.value("SELECT status FROM pipeline_runs") == "failed"
+
+
+def test_failed_ratio_fails_the_run_with_exit_4(
+    bucket: Bucket, cli_env: dict[str, str], database: Database, fake_model: FakeModel
+) -> None:
+    fake_model.knobs.poison_ids = {f"tx-{i:06d}" for i in range(0, 50, 7)}
+    bucket.put("in/a.csv", to_csv(rows(50)))
+    result = run_cli(
+        ["run"], {**cli_env, "ML_API_URL": fake_model.url, "SOURCE_URI": bucket.uri("in/")}
+    )
+    assert result.code == 4, result.output
+    assert (
+        "MAX_FAILED_RATIO crossed: 8 of 50 valid transactions could not be scored" in result.stderr
+    )
