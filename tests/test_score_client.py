@@ -11,7 +11,7 @@ import pytest
 
 from library.errors import ApiUnavailableError
 from library.models import RowChunk, SourceObject
-from library.score.client import ScoringClient, retry_after_seconds
+from library.score.client import ScoringClient, ScoringStopped, retry_after_seconds
 from library.score.codec import NativeCodec
 from library.validate import validate_chunk
 from tests.conftest import free_port
@@ -26,7 +26,9 @@ def batch(n: int, start: int = 0) -> pl.DataFrame:
     return validate_chunk(chunk).valid
 
 
-def client(url: str, retries: int = 3, timeout: float = 5.0) -> ScoringClient:
+def client(
+    url: str, retries: int = 3, timeout: float = 5.0, down_timeout: float = 30.0
+) -> ScoringClient:
     return ScoringClient(
         url,
         NativeCodec(),
@@ -35,6 +37,7 @@ def client(url: str, retries: int = 3, timeout: float = 5.0) -> ScoringClient:
         backoff=0.01,
         backoff_max=0.05,
         pool_size=4,
+        down_timeout=down_timeout,
     )
 
 
@@ -113,8 +116,10 @@ def test_malformed_answers_past_the_retries_fail_the_batch_but_not_the_run(
 
 def test_a_service_down_from_the_start_stops_the_run() -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(ApiUnavailableError, match="connection refused"):
-        client(dead, retries=1).score(batch(3))
+    with pytest.raises(
+        ApiUnavailableError, match=r"has failed every request for \ds .*connection refused"
+    ):
+        client(dead, retries=1, down_timeout=0.5).score(batch(3))
     with pytest.raises(ApiUnavailableError, match="cannot reach the ML API"):
         client(dead).check_ready()
 
@@ -178,3 +183,65 @@ def test_retry_after_parsing() -> None:
     )
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds(None) is None
+
+
+def test_an_outage_longer_than_the_retries_fails_no_row(fake_model: FakeModel) -> None:
+    fake_model.knobs.fail_times, fake_model.knobs.fail_status = 12, 503  # more than 3 retries
+    result = client(fake_model.url, retries=3).score(batch(5))
+    assert len(result.predictions) == 5 and not result.failures
+    assert result.requests == 13
+
+
+def test_the_breaker_opens_after_api_down_timeout_naming_url_and_status(
+    fake_model: FakeModel,
+) -> None:
+    c = client(fake_model.url, retries=2, down_timeout=0.4)
+    c.score(batch(1, start=300))
+    fake_model.knobs.always_status = 503
+    with pytest.raises(ApiUnavailableError) as err:
+        c.score(batch(5))
+    assert f"the ML API at {fake_model.url}/predict has failed every request" in str(err.value)
+    assert "HTTP 503" in str(err.value)
+    with pytest.raises(ScoringStopped):  # every other worker stops too
+        c.score(batch(1, start=400))
+
+
+def test_a_bearer_token_is_sent(fake_model: FakeModel) -> None:
+    seen: list[str | None] = []
+    original = fake_model.handle
+
+    def spy(handler: object, body: bytes) -> None:
+        seen.append(handler.headers.get("Authorization"))  # type: ignore[attr-defined]
+        original(handler, body)  # type: ignore[arg-type]
+
+    fake_model.handle = spy  # type: ignore[method-assign]
+    c = ScoringClient(
+        fake_model.url,
+        NativeCodec(),
+        timeout=5,
+        max_retries=0,
+        backoff=0,
+        backoff_max=0,
+        pool_size=1,
+        token="t0k",
+    )
+    c.score(batch(1))
+    assert seen == ["Bearer t0k"]
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(fake_model: FakeModel) -> None:
+    seen: list[str | None] = []
+    original = fake_model.handle
+
+    def spy(handler: object, body: bytes) -> None:
+        seen.append(handler.headers.get("Authorization"))  # type: ignore[attr-defined]
+        original(handler, body)  # type: ignore[arg-type]
+
+    fake_model.handle = spy  # type: ignore[method-assign]
+    url = fake_model.url.replace("http://", "http://svc:p%40ss@")
+    c = ScoringClient(
+        url, NativeCodec(), timeout=5, max_retries=0, backoff=0, backoff_max=0, pool_size=1
+    )
+    assert "p%40ss" not in c.display_url and "p@ss" not in c.url
+    c.score(batch(1))
+    assert seen == ["Basic c3ZjOnBAc3M="]  # base64("svc:p@ss")

@@ -4,6 +4,8 @@
 transaction comes back either predicted or failed, with the reason and the
 attempts made. What it does, in order:
 
+* Every attempt waits for a slot of the `Limiter` (adaptive concurrency, the
+  shared Retry-After pause, the optional rate limit).
 * Transient failures (connection errors, timeouts, 408, 425, 429, 5xx, a
   malformed answer) are retried with tenacity: exponential backoff with full
   jitter, `Retry-After` honoured, at most API_MAX_RETRIES retries.
@@ -12,10 +14,14 @@ attempts made. What it does, in order:
   transaction is still scored and only the rejected ones fail.
 * Other 4xx (401, 403, 404, ...) would refuse every request alike: the run
   stops with `ApiUnavailableError` instead of failing every row.
-* If a batch exhausts its retries on connection errors, timeouts or 5xx while
-  no request has succeeded since it started, the service is down, not flaky: `ApiUnavailableError` stops the run
-  (its rows are not written, so the next run reads them again). Otherwise the
-  batch's transactions are failed rows that `retry-failed` can score later.
+* An outage is not a reason to fail rows: a batch that has used its retries
+  while no request at all has succeeded since it started keeps probing, at the
+  longest backoff, until the service answers again. Once every request has
+  failed for API_DOWN_TIMEOUT seconds, the breaker opens: all workers stop and
+  the run ends failed (exit 1), its unscored rows unwritten so that the next
+  run reads them again. A batch that fails while the service answers others is
+  different: its transactions become failed rows that `retry-failed` can score
+  later.
 
 Every third-party exception (urllib3, sockets) is classified here, once.
 """
@@ -30,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import polars as pl
 import tenacity
@@ -45,6 +52,7 @@ from library.errors import (
 )
 from library.models import Failure, Prediction, ScoreResult
 from library.score.codec import Codec, MalformedResponse
+from library.score.concurrency import Limiter, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +112,16 @@ class ClientStats:
     by_status: Counter[str] = field(default_factory=Counter)
     latency_total: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    on_request: Callable[[str, float], None] | None = None  # e.g. the Prometheus histogram
+    on_retry: Callable[[], None] | None = None
 
     def record(self, status: str, latency: float) -> None:
         with self.lock:
             self.requests += 1
             self.by_status[status] += 1
             self.latency_total += latency
+        if self.on_request:
+            self.on_request(status, latency)
 
 
 class ScoringClient:
@@ -124,9 +136,13 @@ class ScoringClient:
         backoff_max: float,
         pool_size: int,
         token: str | None = None,
+        adaptive: bool = False,
+        rate_limit: float | None = None,
+        down_timeout: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.codec = codec
+        base_url, basic_auth = split_credentials(base_url)
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + codec.predict_path
         self.display_url = redact_url(self.url)
@@ -135,13 +151,19 @@ class ScoringClient:
         self._clock = clock
         self._backoff = backoff
         self._backoff_max = backoff_max
+        self.limiter = Limiter(pool_size, adaptive, rate_limit, clock)
+        self.down_timeout = down_timeout
         self._stop = threading.Event()
         self._stop_reason: str | None = None
         self._last_success: float | None = None
+        self._failing_since: float | None = None
+        self._last_error = ""
         self._lock = threading.Lock()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        elif basic_auth:
+            headers.update(urllib3.make_headers(basic_auth=basic_auth))
         self._pool = urllib3.PoolManager(
             num_pools=2,
             maxsize=pool_size,
@@ -196,12 +218,11 @@ class ScoringClient:
 
     def _score_into(self, batch: pl.DataFrame, result: ScoreResult) -> None:
         ids = batch.get_column("transaction_id").to_list()
-        started = self._clock()
         attempts = 0
         try:
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(TransientApiError),
-                stop=tenacity.stop_after_attempt(self.max_retries + 1),
+                stop=self._give_up,
                 wait=self._wait,
                 sleep=self._sleep,
                 before_sleep=self._log_retry,
@@ -212,6 +233,8 @@ class ScoringClient:
                     if attempts > 1:
                         with self.stats.lock:
                             self.stats.retries += 1
+                        if self.stats.on_retry:
+                            self.stats.on_retry()
                         result.retries += 1
                     result.requests += 1
                     result.predictions.extend(self._post(batch, ids))
@@ -223,12 +246,8 @@ class ScoringClient:
             self._score_into(batch.slice(0, middle), result)
             self._score_into(batch.slice(middle), result)
         except TransientApiError as exc:
-            # A malformed answer comes from a service that is up: its rows fail, the run goes on.
-            if not isinstance(exc, MalformedResponse) and self._down_since(started):
-                raise ApiUnavailableError(
-                    f"the ML API at {self.display_url} is unavailable: {exc} "
-                    f"after {attempts} attempts, and no request has succeeded since"
-                ) from None
+            if self._stop.is_set():
+                raise ScoringStopped(self._stop_reason or str(exc)) from None
             reason = f"ML API failed after {attempts} attempts: {exc}"
             result.failures.extend(Failure(tid, reason, exc.status, attempts) for tid in ids)
 
@@ -236,31 +255,94 @@ class ScoringClient:
         if self._stop.is_set():
             raise ScoringStopped(self._stop_reason or "scoring stopped")
         body = self.codec.encode(batch)
-        began = time.perf_counter()
-        try:
-            response = self._pool.request("POST", self.url, body=body)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            self.stats.record("error", time.perf_counter() - began)
-            raise TransientApiError(describe_transport_error(exc)) from None
-        self.stats.record(str(response.status), time.perf_counter() - began)
-        if response.status != 200:
-            raise classify_response(response.status, response.data, response.headers, self.url)
-        predictions = self.codec.decode(response.data, ids)
+        with self.limiter.slot() as report:
+            if self._stop.is_set():
+                raise ScoringStopped(self._stop_reason or "scoring stopped")
+            began = time.perf_counter()
+            try:
+                response = self._pool.request("POST", self.url, body=body)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                latency = time.perf_counter() - began
+                self.stats.record("error", latency)
+                report(Outcome.OVERLOAD, latency)
+                transport = TransientApiError(describe_transport_error(exc))
+                self._note_failure(transport)
+                raise transport from None
+            latency = time.perf_counter() - began
+            self.stats.record(str(response.status), latency)
+            if response.status != 200:
+                try:
+                    error = classify_response(
+                        response.status, response.data, response.headers, self.url
+                    )
+                except ApiUnavailableError:
+                    report(Outcome.NEUTRAL, latency)
+                    raise
+                if response.status in (429, 503):
+                    report(Outcome.OVERLOAD, latency)
+                    if error.retry_after:
+                        self.limiter.pause(min(error.retry_after, self._backoff_max))
+                else:
+                    report(Outcome.NEUTRAL, latency)
+                if isinstance(error, TransientApiError):
+                    self._note_failure(error)
+                raise error
+            predictions = self.codec.decode(response.data, ids)  # MalformedResponse: service is up
+            report(Outcome.SUCCESS, latency)
         with self._lock:
             self._last_success = self._clock()
+            self._failing_since = None
         return predictions
 
-    def _down_since(self, started: float) -> bool:
+    def _note_failure(self, error: ApiError) -> None:
+        """Count a failed attempt toward the breaker; open it after API_DOWN_TIMEOUT of failures."""
+        now = self._clock()
+        with self._lock:
+            self._last_error = str(error)
+            if self._failing_since is None:
+                self._failing_since = now
+            down_for = now - self._failing_since
+        if down_for >= self.down_timeout:
+            message = (
+                f"the ML API at {self.display_url} has failed every request for {down_for:.0f}s "
+                f"(API_DOWN_TIMEOUT={self.down_timeout:g}; last: {error}); stopped, rerun to resume"
+            )
+            self.stop(message)
+            raise ApiUnavailableError(message)
+
+    def _in_outage_since(self, started: float) -> bool:
+        """True when no request at all has succeeded since `started`."""
         with self._lock:
             return self._last_success is None or self._last_success < started
 
+    def _give_up(self, state: tenacity.RetryCallState) -> bool:
+        if self._stop.is_set():
+            return True
+        if state.attempt_number < self.max_retries + 1:
+            return False
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, MalformedResponse):
+            return True  # the service answers: these rows fail, the run goes on
+        # During an outage keep probing (the breaker ends it); otherwise this batch fails.
+        return not self._in_outage_since(state.start_time)
+
     def _wait(self, state: tenacity.RetryCallState) -> float:
+        if state.attempt_number > self.max_retries:
+            return self._backoff_max  # probing an outage
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, ApiError) and exc.retry_after is not None:
             return min(exc.retry_after, self._backoff_max)
-        exponential = tenacity.wait_random_exponential(
-            multiplier=self._backoff, max=self._backoff_max
-        )
+        multiplier = self._backoff
+        baseline = self.limiter.baseline_latency()
+        if (
+            self.limiter.adaptive
+            and isinstance(exc, ApiError)
+            and exc.status in (429, 503)
+            and baseline
+        ):
+            # The limiter has already cut concurrency: back off on the service's own time scale.
+            multiplier = min(self._backoff, max(2 * baseline, 0.01))
+        exponential = tenacity.wait_random_exponential(multiplier=multiplier, max=self._backoff_max)
         return float(exponential(state))
 
     def _sleep(self, seconds: float) -> None:
@@ -271,6 +353,16 @@ class ScoringClient:
     def _log_retry(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
+        if state.attempt_number > self.max_retries:
+            log.warning(
+                "ML API still failing (attempt %d, no request has succeeded since this batch "
+                "started): %s; probing again in %.1fs (stops after API_DOWN_TIMEOUT=%gs)",
+                state.attempt_number,
+                exc,
+                delay,
+                self.down_timeout,
+            )
+            return
         log.warning(
             "ML API request failed (attempt %d of %d): %s; retrying in %.1fs",
             state.attempt_number,
@@ -278,6 +370,17 @@ class ScoringClient:
             exc,
             delay,
         )
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """`http://user:pass@host/...` -> (`http://host/...`, "user:pass"): urllib3 does not
+    turn credentials in a URL into a header, so the client sends them as Basic auth."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.netloc.rsplit("@", 1)[-1]
+    auth = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)), auth
 
 
 def describe_transport_error(exc: BaseException) -> str:

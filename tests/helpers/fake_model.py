@@ -31,6 +31,7 @@ class Knobs:
     always_status: int | None = None  # answer every request with this status
     model_version: str = "fake-1.0"
     delay_seconds: float = 0.0  # added to every predict request
+    max_in_flight: int | None = None  # answer 429 while more requests than this are being served
 
 
 @dataclass
@@ -45,6 +46,8 @@ class FakeModel:
         self.knobs = Knobs()
         self.requests: list[Recorded] = []
         self.lock = threading.Lock()
+        self.in_flight = 0
+        self.peak_in_flight = 0
         fake = self
 
         class Handler(ModelHandler):
@@ -73,6 +76,24 @@ class FakeModel:
             return list(self.requests)
 
     def handle(self, handler: ModelHandler, body: bytes) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            crowded = (
+                self.knobs.max_in_flight is not None and self.in_flight > self.knobs.max_in_flight
+            )
+        try:
+            if crowded:
+                with self.lock:
+                    self.requests.append(Recorded(0, 429, []))
+                handler.send_json(429, {"error": "too many requests in flight"})
+                return
+            self._handle(handler, body)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _handle(self, handler: ModelHandler, body: bytes) -> None:
         k = self.knobs
         try:
             doc = orjson.loads(body)
