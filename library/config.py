@@ -37,8 +37,12 @@ DEFAULT_API_RETRY_BACKOFF = 0.5
 DEFAULT_API_RETRY_BACKOFF_MAX = 30.0
 DEFAULT_DB_FLUSH_INTERVAL = 5.0
 DEFAULT_EMBEDDED_DB_DIR = ".batch-pipeline/postgres"
+DEFAULT_FRAUD_THRESHOLD = 0.5
+DEFAULT_API_DOWN_TIMEOUT = 120.0
+DEFAULT_PROGRESS_INTERVAL = 10.0
+DEFAULT_METRICS_JOB = "batch-pipeline"
 
-SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL"})
+SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL", "ML_API_TOKEN"})
 
 
 class Settings(BaseModel):
@@ -60,6 +64,28 @@ class Settings(BaseModel):
         description="PostgreSQL URL. Unset: an embedded local PostgreSQL is started (EMBEDDED_DB_DIR).",
     )
     ML_API_URL: str | None = Field(None, description="Base URL of the prediction API.")
+    ML_API_PROTOCOL: Literal["native", "mlflow", "v2"] = Field(
+        "native",
+        description="native (POST /predict, the contract), mlflow (POST /invocations) "
+        "or v2 (Open Inference Protocol: MLServer, KServe, Triton, Seldon).",
+    )
+    MODEL_NAME: str | None = Field(
+        None, description="Model name for the v2 protocol: POST /v2/models/{MODEL_NAME}/infer."
+    )
+    MODEL_VERSION: str | None = Field(
+        None,
+        description="Model version stored with predictions when the server does not report one "
+        "(required for mlflow).",
+    )
+    ML_API_TOKEN: SecretStr | None = Field(
+        None, description="Bearer token sent to the model API (never printed)."
+    )
+    FRAUD_THRESHOLD: float = Field(
+        DEFAULT_FRAUD_THRESHOLD,
+        ge=0,
+        le=1,
+        description="Score at or above which a transaction is fraud, when the server returns only scores.",
+    )
     ROW_BATCH_SIZE: int = Field(
         DEFAULT_ROW_BATCH_SIZE,
         ge=1,
@@ -83,6 +109,23 @@ class Settings(BaseModel):
         gt=0,
         le=3600,
         description="Seconds before one API request is abandoned.",
+    )
+    API_CONCURRENCY: Literal["adaptive", "fixed"] = Field(
+        "adaptive",
+        description="adaptive: requests in flight follow the service's capacity, up to "
+        "API_MAX_WORKERS; fixed: always API_MAX_WORKERS.",
+    )
+    API_RATE_LIMIT: float | None = Field(
+        None,
+        gt=0,
+        le=100_000,
+        description="At most this many API requests per second (unset: no cap).",
+    )
+    API_DOWN_TIMEOUT: float = Field(
+        DEFAULT_API_DOWN_TIMEOUT,
+        gt=0,
+        le=86_400,
+        description="Seconds of every request failing after which the run stops as failed (exit 1).",
     )
     API_MAX_RETRIES: int = Field(
         DEFAULT_API_MAX_RETRIES,
@@ -127,13 +170,41 @@ class Settings(BaseModel):
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log verbosity."
     )
+    LOG_FORMAT: Literal["text", "json"] = Field(
+        "text", description="text (the seed's format) or json (one object per line)."
+    )
+    PROGRESS: Literal["auto", "bar", "log", "off"] = Field(
+        "auto",
+        description="auto: a live bar on a terminal, a log line every PROGRESS_INTERVAL otherwise.",
+    )
+    PROGRESS_INTERVAL: float = Field(
+        DEFAULT_PROGRESS_INTERVAL,
+        gt=0,
+        le=3600,
+        description="Seconds between progress log lines and metric pushes.",
+    )
+    PUSHGATEWAY_URL: str | None = Field(
+        None, description="Prometheus Pushgateway to push the job's metrics to (unset: no push)."
+    )
+    METRICS_TEXTFILE: Path | None = Field(
+        None,
+        description="Also write the metrics to this file, for node_exporter's textfile collector.",
+    )
+    METRICS_JOB: str = Field(
+        DEFAULT_METRICS_JOB, min_length=1, description="The job label of the pushed metrics."
+    )
 
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("ML_API_URL", "ENDPOINT_URL")
+    @field_validator("ML_API_PROTOCOL", "API_CONCURRENCY", "LOG_FORMAT", "PROGRESS", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("ML_API_URL", "ENDPOINT_URL", "PUSHGATEWAY_URL")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -173,9 +244,16 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _batch_sizes(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.API_RETRY_BACKOFF_MAX < self.API_RETRY_BACKOFF:
             raise ValueError("API_RETRY_BACKOFF_MAX must be >= API_RETRY_BACKOFF")
+        if self.ML_API_PROTOCOL == "mlflow" and not self.MODEL_VERSION:
+            raise ValueError(
+                "MODEL_VERSION is required with ML_API_PROTOCOL=mlflow: "
+                "MLflow's answers carry no model version"
+            )
+        if self.ML_API_PROTOCOL == "v2" and not self.MODEL_NAME:
+            raise ValueError("MODEL_NAME is required with ML_API_PROTOCOL=v2")
         return self
 
     # -- helpers ---------------------------------------------------------------
@@ -195,7 +273,7 @@ class Settings(BaseModel):
             value = getattr(self, name)
             if name == "DATABASE_URL" and value is not None:
                 value = redact_url(value.get_secret_value())
-            elif name in ("ML_API_URL", "ENDPOINT_URL") and value is not None:
+            elif name in ("ML_API_URL", "ENDPOINT_URL", "PUSHGATEWAY_URL") and value is not None:
                 value = redact_url(value)
             elif isinstance(value, SecretStr):
                 value = "***"
@@ -209,7 +287,9 @@ class Settings(BaseModel):
         secrets: list[str] = []
         if self.SECRET:
             secrets.append(self.SECRET.get_secret_value())
-        for url in (self.database_url, self.ML_API_URL, self.ENDPOINT_URL):
+        if self.ML_API_TOKEN:
+            secrets.append(self.ML_API_TOKEN.get_secret_value())
+        for url in (self.database_url, self.ML_API_URL, self.ENDPOINT_URL, self.PUSHGATEWAY_URL):
             if url:
                 secrets.extend(url_secrets(url))
         return [s for s in secrets if len(s) >= 3]
@@ -266,11 +346,14 @@ def load_settings(
 def describe_validation_error(exc: ValidationError, values: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else "settings"
         message = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # a rule across settings: its message names them
+            lines.append(message)
+            continue
+        name = str(err["loc"][0])
         if name in values and name not in SECRET_FIELDS:
             shown = values[name]
-            if name in ("ML_API_URL", "ENDPOINT_URL") and isinstance(shown, str):
+            if name in ("ML_API_URL", "ENDPOINT_URL", "PUSHGATEWAY_URL") and isinstance(shown, str):
                 shown = redact_url(shown)
             lines.append(f"{name}: {message} (got {shown!r})")
         else:

@@ -18,18 +18,23 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 
+from library import logs
 from library.config import Settings
 from library.errors import DatabaseError, PipelineError, ThresholdExceededError
 from library.faults import failpoint
+from library.metrics import RunMetrics
 from library.models import Counts, ScoreResult, SourceObject, WorkUnit
+from library.progress import StageTimes
 from library.score.client import ScoringClient
-from library.score.codec import NativeCodec
+from library.score.codec import make_codec
 from library.sink import Sink
 
 log = logging.getLogger(__name__)
@@ -124,6 +129,7 @@ class Writer(threading.Thread):
         on_abort: Callable[[PipelineError], None],
         queue_size: int,
         ratios: bool,
+        times: StageTimes,
     ) -> None:
         super().__init__(name="writer", daemon=True)
         self.sink = sink
@@ -132,6 +138,7 @@ class Writer(threading.Thread):
         self.error: PipelineError | None = None
         self._on_abort = on_abort
         self._ratios = ratios
+        self._times = times
         self._chunk_counts = Counts()
 
     def run(self) -> None:
@@ -162,24 +169,33 @@ class Writer(threading.Thread):
 
     def _consume(self) -> None:
         interval = self.settings.DB_FLUSH_INTERVAL
+        times = self._times
+        logs.set_context(stage="write")
         while True:
+            waited = time.perf_counter()
             try:
                 item = self.items.get(timeout=interval)
             except queue.Empty:
+                times.writer_waited_on_read += time.perf_counter() - waited
                 if self.sink.pending_rows:
                     self.sink.flush()  # keep checkpoints fresh while scoring is slow
                 continue
+            times.writer_waited_on_read += time.perf_counter() - waited
             if item is _STOP:
                 self.sink.flush()
                 return
             if isinstance(item, _Begin):
                 self.sink.begin_object(item.obj, item.checkpoint_line, item.prior)
             elif isinstance(item, _Unit):
+                logs.set_context(item.unit.obj.uri, item.unit.seq, "write")
+                waited = time.perf_counter()
                 try:
                     result = item.future.result()
                 except PipelineError:
                     self.sink.flush()  # everything before this unit is complete: keep it
                     raise
+                finally:
+                    times.writer_waited_on_score += time.perf_counter() - waited
                 self.sink.add(item.unit, result)
                 self._log_chunk(item.unit, result)
                 if self._ratios:
@@ -229,20 +245,35 @@ class ScoreAndWrite:
         run_id: str,
         stop: StopSignal,
         ratios: bool = True,
+        metrics: RunMetrics | None = None,
     ) -> None:
         assert settings.ML_API_URL
         self.settings = settings
         self.stop = stop
         self.client = ScoringClient(
             settings.ML_API_URL,
-            NativeCodec(),
+            make_codec(settings),
             timeout=settings.API_TIMEOUT,
             max_retries=settings.API_MAX_RETRIES,
             backoff=settings.API_RETRY_BACKOFF,
             backoff_max=settings.API_RETRY_BACKOFF_MAX,
             pool_size=settings.API_MAX_WORKERS,
+            token=settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None,
+            adaptive=settings.API_CONCURRENCY == "adaptive",
+            rate_limit=settings.API_RATE_LIMIT,
+            down_timeout=settings.API_DOWN_TIMEOUT,
         )
-        self.sink = Sink(database_url, run_id, settings.DB_ROW_BATCH_SIZE)
+        self.times = StageTimes(workers=settings.API_MAX_WORKERS)
+        self._times_lock = threading.Lock()
+        self.sink = Sink(
+            database_url,
+            run_id,
+            settings.DB_ROW_BATCH_SIZE,
+            on_flush=metrics.observe_flush if metrics else None,
+        )
+        if metrics:
+            self.client.stats.on_request = metrics.observe_request
+            self.client.stats.on_retry = metrics.observe_retry
         stop.on_set(lambda exc: self.client.stop(str(exc)))
         self.writer = Writer(
             self.sink,
@@ -250,6 +281,7 @@ class ScoreAndWrite:
             stop.set,
             queue_size=max(8, 4 * settings.API_MAX_WORKERS),
             ratios=ratios,
+            times=self.times,
         )
         self.executor = ThreadPoolExecutor(settings.API_MAX_WORKERS, thread_name_prefix="score")
         self._seq = 0
@@ -275,8 +307,18 @@ class ScoreAndWrite:
             future: Future[ScoreResult] = Future()
             future.set_result(ScoreResult())
         else:
-            future = self.executor.submit(self.client.score, unit.transactions)
+            future = self.executor.submit(self._score, unit)
         self._put(_Unit(unit, future))
+
+    def _score(self, unit: WorkUnit) -> ScoreResult:
+        """Runs on a scoring worker: the unit's log context, and its busy time."""
+        began = time.perf_counter()
+        with logs.context(unit.obj.uri, unit.seq, "score"):
+            try:
+                return self.client.score(unit.transactions)
+            finally:
+                with self._times_lock:
+                    self.times.score += time.perf_counter() - began
 
     def end(self, obj: SourceObject, error: str | None, release: Callable[[], None]) -> None:
         self._put(_End(obj, error, release))
@@ -285,16 +327,33 @@ class ScoreAndWrite:
         self._put(_Skip())
 
     def _put(self, item: object, force: bool = False) -> None:
-        while self.writer.is_alive():
-            if self.stop.is_set() and not force:
-                raise Stopping
-            try:
-                self.writer.items.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        began = time.perf_counter()
+        try:
+            while self.writer.is_alive():
+                if self.stop.is_set() and not force:
+                    raise Stopping
+                try:
+                    self.writer.items.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.times.reader_waited += time.perf_counter() - began
         if not force:
             raise Stopping
+
+    def concurrency(self) -> dict[str, Any]:
+        """What the limiter did: the mode, the ceiling, where it settled."""
+        stats = self.client.limiter.stats()
+        return {
+            "mode": self.settings.API_CONCURRENCY,
+            "ceiling": self.settings.API_MAX_WORKERS,
+            "settled": self.client.limiter.limit,
+            "average": round(stats.average_limit, 2),
+            "peak": int(stats.peak_limit),
+            "decreases": stats.decreases,
+            "paused_seconds": round(stats.paused_seconds, 3),
+        }
 
     # -- the end ---------------------------------------------------------------
 
@@ -308,6 +367,7 @@ class ScoreAndWrite:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.client.close()
             self.sink.close()
+            self.times.write = self.sink.run.busy_seconds
         if self.stop.error is not None:
             raise self.stop.error
         if self.writer.error is not None:

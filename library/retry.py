@@ -123,6 +123,7 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
             api_retries=flow.client.stats.retries,
             flushes=flow.sink.run.flushes,
             flush_seconds=flow.sink.run.flush_seconds,
+            concurrency=flow.concurrency(),
         )
         finish_run(ledger, report)
         return report

@@ -34,7 +34,9 @@ from library.errors import (
 )
 from library.flow import ScoreAndWrite, Stopping, StopSignal, check_ratios
 from library.ledger import Ledger, RunStatus
+from library.metrics import RunMetrics
 from library.models import Counts, SourceObject
+from library.progress import LiveState, Reporter, StageTimes
 from library.validate import validate_chunk
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class RunReport:
     api_retries: int = 0
     flushes: int = 0
     flush_seconds: float = 0.0
+    concurrency: dict[str, Any] | None = None
+    stage_times: StageTimes | None = None
 
     @property
     def seconds(self) -> float:
@@ -98,6 +102,8 @@ class RunReport:
             "api_retries": self.api_retries,
             "flushes": self.flushes,
             "flush_seconds": round(self.flush_seconds, 3),
+            "concurrency": self.concurrency,
+            "stage_times": self.stage_times.as_dict() if self.stage_times else None,
             "error": self.error,
         }
 
@@ -203,12 +209,31 @@ class Run:
         self.outcomes: list[ObjectOutcome] = []
         self.started = time.time()
         self.flow: ScoreAndWrite | None = None
+        self.live = LiveState()
+        self.metrics = RunMetrics(
+            settings.METRICS_JOB, settings.PUSHGATEWAY_URL, settings.METRICS_TEXTFILE
+        )
 
     def execute(self) -> RunReport:
+        try:
+            report = self._execute()
+        except PipelineError:
+            # Failed before the run could be recorded (database unreachable, ...): say so.
+            self.metrics.publish(final_status="failed")
+            raise
+        self.metrics.set_counts(report.counts)
+        for outcome in report.objects:
+            self.metrics.observe_object(outcome.status)
+        self.metrics.publish(final_status=report.status)
+        return report
+
+    def _execute(self) -> RunReport:
         with ledger_session(self.settings, self.options.migrate, "ledger") as (ledger, url, shown):
             run_id = ledger.start_run(
                 datetime.now(), self.settings.SOURCE_URI, self.settings.redacted()
             )
+            logs.set_run(run_id)
+            self.metrics.set_run(run_id)
             log.info("Starting batch pipeline")
             log.info("Pipeline Run ID: %s", run_id)
             error: PipelineError | None = None
@@ -232,16 +257,36 @@ class Run:
         if self.options.limit is not None:
             objects = objects[: self.options.limit]
         ledger.set_objects_total(run_id, len(objects))
+        self.live.objects_total = len(objects)
+        self.live.bytes_total = sum(o.size or 0 for o in objects)
         log.info("Found %d object(s) under %s", len(objects), settings.SOURCE_URI)
-        flow = ScoreAndWrite(settings, url, run_id, self.stop)
+        flow = ScoreAndWrite(settings, url, run_id, self.stop, metrics=self.metrics)
         self.flow = flow
+
+        def publish_tick() -> None:
+            self.metrics.set_counts(flow.sink.run.counts)
+            self.metrics.concurrency.set(flow.client.limiter.limit)
+
+        reporter = Reporter(
+            settings.PROGRESS,
+            settings.PROGRESS_INTERVAL,
+            self.live,
+            lambda: flow.sink.run.counts,
+            self.metrics,
+            on_tick=publish_tick,
+        )
         try:
             flow.start()
+            if reporter.needed:
+                reporter.start()
             self._feed(objects, ledger, run_id, s3, flow)
         except Stopping:
             pass
         finally:
-            flow.finish()
+            try:
+                flow.finish()
+            finally:
+                reporter.stop()
         check_ratios(flow.sink.run.counts, settings, final=True)
 
     def _feed(
@@ -251,10 +296,12 @@ class Run:
         for obj in objects:
             if self.stop.is_set():
                 return
+            logs.set_context(obj.uri, None, "read")
             claim = ledger.claim(run_id, obj, self.options.reprocess)
             if claim.status == "completed":
                 log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
                 self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
+                self.live.finish_object(obj.size)
                 flow.skip()
                 continue
             if claim.status == "locked":
@@ -264,22 +311,40 @@ class Run:
                     claim.held_by or "unknown",
                 )
                 self.outcomes.append(ObjectOutcome(obj.uri, "locked"))
+                self.live.finish_object(obj.size)
                 continue
             if claim.status == "resume":
                 log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
             outcome = ObjectOutcome(obj.uri, "completed")
             self.outcomes.append(outcome)
             flow.begin(obj, claim.checkpoint_line, claim.prior)
+            times = flow.times
             try:
-                with source.open_text(obj, s3) as (text, _counter):
-                    for chunk in source.read_chunks(
+                with source.open_text(obj, s3) as (text, counter):
+                    self.live.begin_object(counter, obj.size)
+                    chunks = source.read_chunks(
                         obj, text, self.settings.ROW_BATCH_SIZE, claim.checkpoint_line
-                    ):
+                    )
+                    while True:
+                        began = time.perf_counter()
+                        chunk = next(chunks, None)
+                        parsed = time.perf_counter()
+                        times.read += parsed - began
+                        if chunk is None:
+                            break
+                        self.live.rows_read += chunk.rows_read
                         validated = validate_chunk(chunk)
                         validated.valid = flow.prepare(validated.valid)
-                        for unit in plan_units(
-                            validated, self.settings.API_BATCH_SIZE, flow.next_seq(), chunk_number
-                        ):
+                        units = list(
+                            plan_units(
+                                validated,
+                                self.settings.API_BATCH_SIZE,
+                                flow.next_seq(),
+                                chunk_number,
+                            )
+                        )
+                        times.validate += time.perf_counter() - parsed
+                        for unit in units:
                             flow.submit(unit)
                         chunk_number += 1
             except Stopping:
@@ -294,6 +359,7 @@ class Run:
                     "Refused" if outcome.status == "refused" else "Cannot read",
                     outcome.error,
                 )
+            self.live.finish_object(obj.size)
             flow.end(obj, outcome.error, functools.partial(ledger.release, obj))
 
     def _report(self, run_id: str, error: PipelineError | None, shown: str) -> RunReport:
@@ -315,7 +381,16 @@ class Run:
             api_retries=flow.client.stats.retries if flow else 0,
             flushes=flow.sink.run.flushes if flow else 0,
             flush_seconds=flow.sink.run.flush_seconds if flow else 0.0,
+            concurrency=flow.concurrency() if flow else None,
+            stage_times=self._stage_times(),
         )
+
+    def _stage_times(self) -> StageTimes | None:
+        if self.flow is None:
+            return None
+        times = self.flow.times
+        times.wall = time.time() - self.started
+        return times
 
 
 def finish_run(ledger: Ledger, report: RunReport) -> None:

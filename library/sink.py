@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -161,14 +161,22 @@ class RunProgress:
     objects_failed: int = 0
     objects_skipped: int = 0
     flushes: int = 0
-    flush_seconds: float = 0.0
+    flush_seconds: float = 0.0  # inside the database transaction
+    busy_seconds: float = 0.0  # preparing and writing
     model_version: str | None = None
 
 
 class Sink:
     """Buffers scored units in order and writes them, one transaction per flush."""
 
-    def __init__(self, database_url: str, run_id: str, flush_rows: int) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        run_id: str,
+        flush_rows: int,
+        on_flush: Callable[[float], None] | None = None,
+    ) -> None:
+        self.on_flush = on_flush
         self.database_url = database_url
         self.run_id = run_id
         self.flush_rows = flush_rows
@@ -241,10 +249,15 @@ class Sink:
         if not self._buffer.units and not self._buffer.touched and not self._run_dirty:
             return
         failpoint("before_flush")
+        began = time.perf_counter()
         batch = self._prepare()
         db.with_retries(lambda: self._write(batch), "writing a flush", on_retry=self._reconnect)
         failpoint("after_flush")
         self._account(batch)
+        elapsed = time.perf_counter() - began
+        self.run.busy_seconds += elapsed
+        if self.on_flush:
+            self.on_flush(elapsed)
         self._buffer.clear()
         self._run_dirty = False
 

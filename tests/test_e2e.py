@@ -3,6 +3,7 @@ S3 server, PostgreSQL and model servers; assertions on the rows of every table."
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -193,10 +194,11 @@ def test_api_down_mid_run_stops_without_writing_unscored_rows(
 ) -> None:
     bucket.put("in/a.csv", to_csv(rows(50)))
     fake_model.knobs.always_status = 503
-    env = {**cli_env, "ML_API_URL": fake_model.url, "API_MAX_RETRIES": "2"}
+    env = {**cli_env, "ML_API_URL": fake_model.url, "API_MAX_RETRIES": "2", "API_DOWN_TIMEOUT": "1"}
     result = run(env, "--source", bucket.uri("in/"))
     assert result.code == 1, result.output
-    assert "is unavailable: HTTP 503" in result.stderr
+    assert f"the ML API at {fake_model.url}/predict has failed every request for" in result.stderr
+    assert "last: HTTP 503" in result.stderr
     assert database.value("SELECT count(*) FROM transactions") == 0
     assert database.rows("SELECT status, checkpoint_line FROM source_objects") == [
         ("processing", 1)
@@ -343,3 +345,37 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     )
     assert query.returncode == 0, query.stderr
     assert query.stdout.splitlines()[2].strip() == "1"
+
+
+def test_adaptive_concurrency_finds_the_capacity_of_the_service(
+    bucket: Bucket, cli_env: dict[str, str], database: Database, fake_model: FakeModel
+) -> None:
+    # The service answers 429 whenever more than 2 requests are in flight; the ceiling is 4 times that.
+    fake_model.knobs.max_in_flight, fake_model.knobs.delay_seconds = 2, 0.01
+    bucket.put("in/a.csv", to_csv(rows(3000)))
+    env = {
+        **cli_env,
+        "ML_API_URL": fake_model.url,
+        "SOURCE_URI": bucket.uri("in/"),
+        "API_BATCH_SIZE": "20",
+        "API_MAX_WORKERS": "8",
+        "API_MAX_RETRIES": "3",
+    }
+    adaptive = run(env)
+    assert adaptive.code == 0, adaptive.output
+    assert database.value("SELECT count(*) FROM failed_transactions") == 0
+    assert "concurrency:   adaptive, settled at" in adaptive.stdout
+    settled = int(adaptive.stdout.split("settled at ")[1].split()[0])
+    assert 1 <= settled <= 3
+    fixed = run({**env, "API_CONCURRENCY": "fixed", "MAX_FAILED_RATIO": "1"}, "--reprocess")
+    assert fixed.code in (0, 3), fixed.output
+    assert "concurrency:   fixed at 8" in fixed.stdout
+    # At 4x the capacity a fixed pool keeps hitting 429: it retries far more, or fails rows.
+    retries = [
+        int(re.search(r"api requests: +\d+ \((\d+) retries\)", r.stdout)[1])
+        for r in (adaptive, fixed)
+    ]  # type: ignore[index]
+    assert (
+        retries[1] > 2 * retries[0]
+        or database.value("SELECT count(*) FROM failed_transactions") > 0
+    )

@@ -10,13 +10,16 @@ the whole request, never a partial write.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import polars as pl
 
 from library.errors import TransientApiError
 from library.models import Prediction
+
+if TYPE_CHECKING:
+    from library.config import Settings
 
 EVENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
 PAYLOAD_COLUMN = "_payload"  # each row's request JSON, encoded once per chunk
@@ -114,3 +117,20 @@ class NativeCodec:
                 raise MalformedResponse(f"is_fraud of {tid} is not a boolean", status=200)
             out.append(Prediction(tid, score, is_fraud, version))
         return out
+
+
+def make_codec(settings: Settings) -> Codec:
+    """The codec of ML_API_PROTOCOL."""
+    if settings.ML_API_PROTOCOL == "mlflow":
+        from library.score.codecs_mlflow import MlflowCodec
+
+        assert settings.MODEL_VERSION  # enforced by Settings
+        mlflow: Codec = MlflowCodec(settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
+        return mlflow
+    if settings.ML_API_PROTOCOL == "v2":
+        from library.score.codecs_v2 import V2Codec
+
+        assert settings.MODEL_NAME  # enforced by Settings
+        v2: Codec = V2Codec(settings.MODEL_NAME, settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
+        return v2
+    return NativeCodec()

@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"batch-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logs.setup_logging(settings.LOG_LEVEL, settings.secret_values())
+    logs.setup_logging(settings.LOG_LEVEL, settings.secret_values(), settings.LOG_FORMAT)
     try:
         if args.command == "run":
             return cmd_run(args, settings)
@@ -214,6 +214,19 @@ def print_summary(report: Any) -> None:
     ]
     if s["model_version"]:
         lines.append(f"model_version: {s['model_version']}")
+    if s.get("api_requests"):
+        lines.append(f"api requests:  {s['api_requests']} ({s['api_retries']} retries)")
+    if s.get("concurrency"):
+        c = s["concurrency"]
+        if c["mode"] == "adaptive":
+            lines.append(
+                f"concurrency:   adaptive, settled at {c['settled']} (ceiling {c['ceiling']}, "
+                f"average {c['average']}, {c['decreases']} decreases)"
+            )
+        else:
+            lines.append(f"concurrency:   fixed at {c['ceiling']}")
+    if report.stage_times is not None:
+        lines.extend(report.stage_times.lines())
     if report.database:
         lines.append(f"database:      {report.database}")
     if s["error"]:
