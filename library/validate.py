@@ -40,25 +40,59 @@ def _days_from_civil(y: pl.Expr, m: pl.Expr, d: pl.Expr) -> pl.Expr:
     return era * 146_097 + doe - 719_468
 
 
-def _event_time(column: str) -> pl.Expr:
-    """The epoch microseconds (UTC) of a contract timestamp, null when invalid."""
-    g = pl.col(column).str.extract_groups(_anchored(contract.TIMESTAMP_PATTERN))
+TIMESTAMP_PARTS = "_event_time_parts"
+AMOUNT_PARTS = "_amount_parts"
+
+
+def extract_parts() -> list[pl.Expr]:
+    """The regex groups of the two structured columns, extracted once per chunk: an
+    eager select does not share subexpressions, and each field would rerun the regex."""
+    return [
+        pl.col("event_time")
+        .str.extract_groups(_anchored(contract.TIMESTAMP_PATTERN))
+        .alias(TIMESTAMP_PARTS),
+        pl.col("amount").str.extract_groups(_anchored(contract.AMOUNT_PATTERN)).alias(AMOUNT_PARTS),
+    ]
+
+
+_TS = "_ts_"  # prefix of the timestamp's integer parts
+
+
+def timestamp_fields() -> list[pl.Expr]:
+    """The timestamp's parts as integers, computed once (they are used many times)."""
+    g = pl.col(TIMESTAMP_PARTS)
 
     def part(i: int) -> pl.Expr:
         return g.struct.field(str(i)).cast(pl.Int64, strict=False)
 
-    year, month, day, hour, minute = (part(i) for i in range(1, 6))
-    second = part(6).fill_null(0)
-    micro = g.struct.field("7").str.pad_end(6, "0").str.slice(0, 6).cast(pl.Int64).fill_null(0)
-    sign = (
-        pl.when(g.struct.field("9") == "-")
-        .then(-1)
-        .when(g.struct.field("9") == "+")
-        .then(1)
-        .otherwise(0)
-    )
-    off_h = part(10).fill_null(0)
-    off_m = part(11).fill_null(0)
+    sign = g.struct.field("9")
+    return [
+        part(1).alias(_TS + "y"),
+        part(2).alias(_TS + "m"),
+        part(3).alias(_TS + "d"),
+        part(4).alias(_TS + "H"),
+        part(5).alias(_TS + "M"),
+        part(6).fill_null(0).alias(_TS + "S"),
+        g.struct.field("7")
+        .str.pad_end(6, "0")
+        .str.slice(0, 6)
+        .cast(pl.Int64)
+        .fill_null(0)
+        .alias(_TS + "us"),
+        pl.when(sign == "-").then(-1).when(sign == "+").then(1).otherwise(0).alias(_TS + "sign"),
+        part(10).fill_null(0).alias(_TS + "oh"),
+        part(11).fill_null(0).alias(_TS + "om"),
+    ]
+
+
+def _event_time() -> pl.Expr:
+    """The epoch microseconds (UTC) of a contract timestamp, null when invalid."""
+
+    def f(name: str) -> pl.Expr:
+        return pl.col(_TS + name)
+
+    year, month, day, hour, minute, second = f("y"), f("m"), f("d"), f("H"), f("M"), f("S")
+    micro, sign, off_h, off_m = f("us"), f("sign"), f("oh"), f("om")
     leap = ((year % 4 == 0) & (year % 100 != 0)) | (year % 400 == 0)
     days_in_month = (
         pl.when(month == 2)
@@ -90,9 +124,9 @@ def _event_time(column: str) -> pl.Expr:
     return pl.when(fields_ok.fill_null(False) & in_range.fill_null(False)).then(utc_us)
 
 
-def _amount(column: str) -> pl.Expr:
+def _amount(parts: str) -> pl.Expr:
     """The amount as Decimal(12, 2), null when invalid."""
-    g = pl.col(column).str.extract_groups(_anchored(contract.AMOUNT_PATTERN))
+    g = pl.col(parts)
     digits = g.struct.field("1")
     integer = digits.str.strip_chars_start("0")
     fraction = g.struct.field("2").fill_null("").str.strip_chars_end("0")
@@ -128,13 +162,13 @@ def typed_columns() -> list[pl.Expr]:
         pl.when(_matches("transaction_id", contract.TRANSACTION_ID_PATTERN))
         .then(pl.col("transaction_id"))
         .alias("transaction_id"),
-        _event_time("event_time").cast(pl.Datetime("us", "UTC")).alias("event_time"),
+        _event_time().cast(pl.Datetime("us", "UTC")).alias("event_time"),
         pl.when(_party_id_ok("account_id")).then(pl.col("account_id")).alias("account_id"),
         pl.when(_party_id_ok("merchant_id")).then(pl.col("merchant_id")).alias("merchant_id"),
         pl.when(_matches("merchant_category", contract.MERCHANT_CATEGORY_PATTERN))
         .then(pl.col("merchant_category"))
         .alias("merchant_category"),
-        _amount("amount").alias("amount"),
+        _amount(AMOUNT_PARTS).alias("amount"),
         pl.when(_matches("currency", contract.CURRENCY_PATTERN))
         .then(pl.col("currency"))
         .alias("currency"),
@@ -153,7 +187,9 @@ def typed_columns() -> list[pl.Expr]:
 
 def classify(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
     """Typed rows and the mask of valid ones."""
-    typed = frame.select(typed_columns())
+    typed = (
+        frame.with_columns(extract_parts()).with_columns(timestamp_fields()).select(typed_columns())
+    )
     valid = pl.all_horizontal(pl.col(c).is_not_null() for c in contract.REQUIRED_COLUMNS)
     mask = typed.select(valid.alias("valid")).to_series()
     return typed, mask
