@@ -292,8 +292,9 @@ class ScoreAndWrite:
 
     # -- feeding, in source order ----------------------------------------------
 
-    def prepare(self, frame: pl.DataFrame) -> pl.DataFrame:
-        return self.client.prepare(frame)
+    def prepare(self, frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
+        """Chunk-wide vectorised work for the later stages, done on the reader thread."""
+        return Sink.prepare_rows(self.client.prepare(frame), obj)
 
     def next_seq(self) -> int:
         return self._seq

@@ -334,7 +334,7 @@ class Run:
                             break
                         self.live.rows_read += chunk.rows_read
                         validated = validate_chunk(chunk)
-                        validated.valid = flow.prepare(validated.valid)
+                        validated.valid = flow.prepare(validated.valid, obj)
                         units = list(
                             plan_units(
                                 validated,

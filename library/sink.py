@@ -16,7 +16,6 @@ latest row of a run is also the last one written.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -62,7 +61,8 @@ CREATE TEMP TABLE IF NOT EXISTS stage_transactions (
     transaction_id text, event_time timestamptz, account_id text, merchant_id text,
     merchant_category text, amount numeric(12, 2), currency text, country text,
     channel text, card_present boolean, source_uri text, source_version text,
-    source_line bigint
+    source_line bigint,
+    seq bigint GENERATED ALWAYS AS IDENTITY  -- COPY order: the latest row has the largest
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_predictions (
     transaction_id text, model_version text, fraud_score double precision, prediction boolean
@@ -78,8 +78,9 @@ CREATE TEMP TABLE IF NOT EXISTS stage_invalid (
 _DATA_COLUMNS = TRANSACTION_COLUMNS[1:10]
 UPSERT_TRANSACTIONS = f"""
 INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS)}, run_id)
-SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM stage_transactions
-ORDER BY transaction_id
+SELECT DISTINCT ON (transaction_id) {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s
+FROM stage_transactions
+ORDER BY transaction_id, seq DESC
 ON CONFLICT (transaction_id) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in TRANSACTION_COLUMNS[1:])},
     run_id = EXCLUDED.run_id, updated_at = now()
@@ -242,6 +243,35 @@ class Sink:
     def pending_rows(self) -> int:
         return self._buffer.rows
 
+    # -- preparing, on the reader thread ------------------------------------------
+
+    @staticmethod
+    def prepare_rows(frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
+        """Add each row's COPY line: formatted once per chunk by polars, on the reader
+        thread, so that the writer only joins strings (polars calls made by the writer
+        would queue behind the reader's on polars' shared thread pool)."""
+        if frame.height == 0:
+            return frame.with_columns(pl.lit("").alias(COPY_LINE))
+        line = pl.concat_str(
+            [
+                pl.col("transaction_id"),
+                pl.col("event_time").dt.strftime(COPY_DATETIME),
+                _quoted(pl.col("account_id")),
+                _quoted(pl.col("merchant_id")),
+                pl.col("merchant_category"),
+                pl.col("amount").cast(pl.String),
+                pl.col("currency"),
+                pl.col("country"),
+                pl.col("channel"),
+                pl.when(pl.col("card_present")).then(pl.lit("t")).otherwise(pl.lit("f")),
+                _quoted(pl.lit(obj.uri)),
+                _quoted(pl.lit(obj.version)),
+                pl.col(LINE_COLUMN).cast(pl.String),
+            ],
+            separator=",",
+        )
+        return frame.with_columns(line.alias(COPY_LINE))
+
     # -- writing ---------------------------------------------------------------
 
     def flush(self) -> None:
@@ -269,22 +299,15 @@ class Sink:
         conn = self._connection()
         params = {"run_id": self.run_id}
         with conn.transaction(), conn.cursor() as cur:
-            if batch.transactions.height:
-                copy_frame(cur, "stage_transactions", batch.transactions)
+            if batch.transactions:
+                copy_text(cur, STAGE_TRANSACTIONS, batch.transactions, "csv")
                 cur.execute(UPSERT_TRANSACTIONS, params)
             if batch.failures:
                 copy_rows(cur, STAGE_FAILURES, batch.failures)
                 cur.execute(DELETE_STALE_PREDICTIONS)
                 cur.execute(UPSERT_FAILURES, params)
             if batch.predictions:
-                copy_rows(
-                    cur,
-                    STAGE_PREDICTIONS,
-                    (
-                        (p.transaction_id, p.model_version, p.fraud_score, p.is_fraud)
-                        for p in batch.predictions
-                    ),
-                )
+                copy_text(cur, STAGE_PREDICTIONS, predictions_text(batch.predictions), "text")
                 cur.execute(UPSERT_PREDICTIONS, params)
                 cur.execute(RESOLVE_FAILURES, params)
             if batch.invalid:
@@ -332,13 +355,47 @@ class Sink:
         for progress, delta in batch.objects:
             progress.counts.add(delta)
             progress.run_counts.add(delta)
-        if batch.transactions.height:
-            log.debug("flushed %d transactions", batch.transactions.height)
 
 
-STAGE_PREDICTIONS = "stage_predictions (transaction_id, model_version, fraud_score, prediction)"
 STAGE_FAILURES = "stage_failures (transaction_id, model_version, reason, http_status, attempts)"
 STAGE_INVALID = "stage_invalid (source_uri, source_version, line_number, raw_text, reasons)"
+
+
+STAGE_TRANSACTIONS = f"stage_transactions ({', '.join(TRANSACTION_COLUMNS)})"
+STAGE_PREDICTIONS = "stage_predictions (transaction_id, model_version, fraud_score, prediction)"
+COPY_LINE = "_copy"
+COPY_DATETIME = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
+
+
+def _quoted(expr: pl.Expr) -> pl.Expr:
+    return pl.lit('"') + expr.str.replace_all('"', '""', literal=True) + pl.lit('"')
+
+
+def _escape_text(value: str) -> str:
+    """A value for COPY's text format."""
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
+
+
+def predictions_text(predictions: list[Prediction]) -> str:
+    """COPY text lines. Transaction ids are validated (no character to escape); the
+    model version is the server's, escaped once per distinct value."""
+    escaped: dict[str, str] = {}
+    out = []
+    for p in predictions:
+        version = escaped.get(p.model_version)
+        if version is None:
+            version = escaped[p.model_version] = _escape_text(p.model_version)
+        out.append(
+            f"{p.transaction_id}\t{version}\t{p.fraud_score!r}\t{'t' if p.is_fraud else 'f'}\n"
+        )
+    return "".join(out)
+
+
+def copy_text(cur: psycopg.Cursor[Any], target: str, text: str, fmt: str) -> None:
+    with cur.copy(f"COPY {target} FROM STDIN (FORMAT {fmt})") as copy:
+        copy.write(text)
 
 
 def plus(a: Counts, b: Counts) -> Counts:
@@ -354,20 +411,11 @@ def copy_rows(cur: psycopg.Cursor[Any], target: str, rows: Iterable[Sequence[Any
             copy.write_row(row)
 
 
-def copy_frame(cur: psycopg.Cursor[Any], table: str, frame: pl.DataFrame) -> None:
-    """COPY a frame as CSV text: polars formats it in one pass, no Python per row."""
-    text = frame.write_csv(
-        include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%:z", null_value=""
-    )
-    with cur.copy(f"COPY {table} ({', '.join(frame.columns)}) FROM STDIN (FORMAT csv)") as copy:
-        copy.write(text)
-
-
 @dataclass
 class PreparedFlush:
     """Everything one flush writes, reduced to the latest row per transaction_id."""
 
-    transactions: pl.DataFrame
+    transactions: str  # COPY csv text, one line per row
     predictions: list[Prediction]
     failures: list[tuple[str, str | None, str, int | None, int]]
     invalid: list[tuple[str, str, int, str, str]]
@@ -379,24 +427,16 @@ class PreparedFlush:
 
     @classmethod
     def build(cls, buffer: FlushBuffer, known_version: str | None) -> PreparedFlush:
-        frames: list[pl.DataFrame] = []
-        # Units of one object share their lineage columns: one polars pass per object.
-        for obj, group in itertools.groupby(buffer.units, key=lambda ur: ur[0].obj):
-            parts = [unit.transactions for unit, _ in group if unit.transactions.height]
-            if parts:
-                frames.append(
-                    (pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]).select(
-                        *TRANSACTION_COLUMNS[:10],
-                        pl.lit(obj.uri).alias("source_uri"),
-                        pl.lit(obj.version).alias("source_version"),
-                        pl.col(LINE_COLUMN).alias("source_line"),
-                    )
-                )
-        transactions = (
-            pl.concat(frames).unique(subset=["transaction_id"], keep="last", maintain_order=True)
-            if frames
-            else pl.DataFrame()
-        )
+        # Each row's COPY line was made on the reader thread (Sink.prepare_rows): here
+        # they are only joined. Repeated ids are reduced by DISTINCT ON in SQL.
+        lines: list[str] = []
+        for unit, _ in buffer.units:
+            tx = unit.transactions
+            if tx.height:
+                if COPY_LINE not in tx.columns:
+                    tx = Sink.prepare_rows(tx, unit.obj)
+                lines.extend(tx.get_column(COPY_LINE).to_list())
+        transactions = "\n".join(lines) + "\n" if lines else ""
 
         latest: dict[str, Prediction | Failure] = {}
         counts = Counts()
