@@ -190,90 +190,80 @@ class Ledger:
         )
 
 
-# -- written by the sink, inside its flush transaction -------------------------
+# -- written by the sink, as parts of its flush statement ------------------------
+#
+# Each flush sets (never increments) the counts, in the same statement as the rows
+# they count: a flush retried after a lost connection writes the same values again.
+
+# A CTE: each touched object's checkpoint, counts (earlier runs' included) and status.
+OBJECT_PROGRESS = """
+object_progress AS (
+    UPDATE source_objects s SET checkpoint_line = o.checkpoint_line,
+        rows_read = o.rows_read, rows_valid = o.rows_valid, rows_invalid = o.rows_invalid,
+        rows_scored = o.rows_scored, rows_failed = o.rows_failed,
+        status = o.status, error = o.error,
+        finished_at = CASE WHEN o.status = 'processing' THEN NULL ELSE now() END
+    FROM jsonb_to_recordset(%(objects)s::jsonb) AS o(
+        source_uri text, source_version text, checkpoint_line bigint, rows_read bigint,
+        rows_valid bigint, rows_invalid bigint, rows_scored bigint, rows_failed bigint,
+        status text, error text)
+    WHERE s.source_uri = o.source_uri AND s.source_version = o.source_version
+    RETURNING 1
+)"""
+
+# A CTE: this run's own share of each touched object (a resumed object is shared).
+RUN_OBJECTS = """
+run_object_progress AS (
+    INSERT INTO run_objects (run_id, source_uri, source_version, status, rows_read,
+        rows_valid, rows_invalid, rows_scored, rows_failed)
+    SELECT %(run_id)s, o.source_uri, o.source_version, o.status, o.rows_read, o.rows_valid,
+        o.rows_invalid, o.rows_scored, o.rows_failed
+    FROM jsonb_to_recordset(%(run_objects)s::jsonb) AS o(
+        source_uri text, source_version text, status text, rows_read bigint,
+        rows_valid bigint, rows_invalid bigint, rows_scored bigint, rows_failed bigint)
+    ON CONFLICT (run_id, source_uri, source_version) DO UPDATE SET
+        status = EXCLUDED.status, rows_read = EXCLUDED.rows_read,
+        rows_valid = EXCLUDED.rows_valid, rows_invalid = EXCLUDED.rows_invalid,
+        rows_scored = EXCLUDED.rows_scored, rows_failed = EXCLUDED.rows_failed,
+        updated_at = now()
+    RETURNING 1
+)"""
+
+# The statement's main part: the run's counts.
+RUN_PROGRESS = """
+UPDATE pipeline_runs SET rows_read = %(read)s, rows_valid = %(valid)s,
+    rows_invalid = %(invalid_count)s, rows_scored = %(scored)s, rows_failed = %(failed)s,
+    objects_done = %(objects_done)s, objects_failed = %(objects_failed)s,
+    objects_skipped = %(objects_skipped)s, model_version = COALESCE(%(model_version)s, model_version),
+    heartbeat_at = now()
+WHERE run_id = %(run_id)s"""
 
 
-def record_object_progress(
-    cur: psycopg.Cursor[Any],
-    obj: SourceObject,
-    checkpoint_line: int,
-    counts: Counts,
-    status: Literal["processing", "completed", "failed"],
-    error: str | None,
-) -> None:
-    cur.execute(
-        """UPDATE source_objects SET checkpoint_line = %s, rows_read = %s, rows_valid = %s,
-               rows_invalid = %s, rows_scored = %s, rows_failed = %s, status = %s, error = %s,
-               finished_at = CASE WHEN %s = 'processing' THEN NULL ELSE now() END
-           WHERE source_uri = %s AND source_version = %s""",
-        (
-            checkpoint_line,
-            counts.read,
-            counts.valid,
-            counts.invalid,
-            counts.scored,
-            counts.failed,
-            status,
-            error,
-            status,
-            obj.uri,
-            obj.version,
-        ),
-    )
+def object_progress_json(
+    obj: SourceObject, checkpoint_line: int, counts: Counts, status: str, error: str | None
+) -> dict[str, Any]:
+    return {
+        "source_uri": obj.uri,
+        "source_version": obj.version,
+        "checkpoint_line": checkpoint_line,
+        "rows_read": counts.read,
+        "rows_valid": counts.valid,
+        "rows_invalid": counts.invalid,
+        "rows_scored": counts.scored,
+        "rows_failed": counts.failed,
+        "status": status,
+        "error": error,
+    }
 
 
-def record_run_object(
-    cur: psycopg.Cursor[Any], run_id: str, obj: SourceObject, counts: Counts, status: str
-) -> None:
-    """This run's own share of an object (a resumed object is shared between runs)."""
-    cur.execute(
-        """INSERT INTO run_objects (run_id, source_uri, source_version, status, rows_read,
-               rows_valid, rows_invalid, rows_scored, rows_failed)
-           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-           ON CONFLICT (run_id, source_uri, source_version) DO UPDATE SET
-               status = EXCLUDED.status, rows_read = EXCLUDED.rows_read,
-               rows_valid = EXCLUDED.rows_valid, rows_invalid = EXCLUDED.rows_invalid,
-               rows_scored = EXCLUDED.rows_scored, rows_failed = EXCLUDED.rows_failed,
-               updated_at = now()""",
-        (
-            run_id,
-            obj.uri,
-            obj.version,
-            status,
-            counts.read,
-            counts.valid,
-            counts.invalid,
-            counts.scored,
-            counts.failed,
-        ),
-    )
-
-
-def record_run_progress(
-    cur: psycopg.Cursor[Any],
-    run_id: str,
-    counts: Counts,
-    objects_done: int,
-    objects_failed: int,
-    objects_skipped: int,
-    model_version: str | None,
-) -> None:
-    cur.execute(
-        """UPDATE pipeline_runs SET rows_read = %s, rows_valid = %s, rows_invalid = %s,
-               rows_scored = %s, rows_failed = %s, objects_done = %s, objects_failed = %s,
-               objects_skipped = %s, model_version = COALESCE(%s, model_version),
-               heartbeat_at = now()
-           WHERE run_id = %s""",
-        (
-            counts.read,
-            counts.valid,
-            counts.invalid,
-            counts.scored,
-            counts.failed,
-            objects_done,
-            objects_failed,
-            objects_skipped,
-            model_version,
-            run_id,
-        ),
-    )
+def run_object_json(obj: SourceObject, counts: Counts, status: str) -> dict[str, Any]:
+    return {
+        "source_uri": obj.uri,
+        "source_version": obj.version,
+        "status": status,
+        "rows_read": counts.read,
+        "rows_valid": counts.valid,
+        "rows_invalid": counts.invalid,
+        "rows_scored": counts.scored,
+        "rows_failed": counts.failed,
+    }

@@ -6,11 +6,16 @@ object's checkpoint and the run's counts. A crash therefore leaves either the
 whole flush or none of it, and the checkpoint always says exactly which rows
 are stored.
 
-Writing uses PostgreSQL's fast path: COPY into temporary staging tables, then
-one `INSERT ... ON CONFLICT DO UPDATE` per table. A transaction_id repeated in
-a flush is reduced to its latest row first (the latest row wins, and ON
-CONFLICT never meets the same key twice). Units arrive in source order, so the
-latest row of a run is also the last one written.
+A flush is five round trips, whatever it holds: BEGIN, one COPY of every row
+(each transaction with its outcome, prediction or failure) into a temporary
+staging table, one statement whose data-modifying CTEs upsert transactions and
+predictions, resolve or record failures, drop stale predictions, insert the
+invalid rows and update the ledger, then COMMIT. (On a busy two-core machine
+each round trip waits for the backend to be scheduled; fourteen of them per
+flush cost more than the SQL.) A transaction_id repeated in a flush is reduced
+to its latest row by DISTINCT ON over the COPY order, so ON CONFLICT never meets
+the same key twice; units arrive in source order, so the latest row of a run is
+also the last one written.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,80 +60,87 @@ TRANSACTION_COLUMNS = (
     "source_version",
     "source_line",
 )
+OUTCOME_COLUMNS = (
+    "model_version",
+    "fraud_score",
+    "prediction",
+    "reason",
+    "http_status",
+    "attempts",
+)
 
 STAGING_DDL = """
-CREATE TEMP TABLE IF NOT EXISTS stage_transactions (
+CREATE TEMP TABLE IF NOT EXISTS stage_rows (
     transaction_id text, event_time timestamptz, account_id text, merchant_id text,
     merchant_category text, amount numeric(12, 2), currency text, country text,
     channel text, card_present boolean, source_uri text, source_version text,
     source_line bigint,
+    model_version text, fraud_score double precision, prediction boolean,  -- scored
+    reason text, http_status integer, attempts integer,                    -- or failed
     seq bigint GENERATED ALWAYS AS IDENTITY  -- COPY order: the latest row has the largest
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_predictions (
-    transaction_id text, model_version text, fraud_score double precision, prediction boolean
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_failures (
-    transaction_id text, model_version text, reason text, http_status integer, attempts integer
-) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_invalid (
-    source_uri text, source_version text, line_number bigint, raw_text text, reasons jsonb
-) ON COMMIT DELETE ROWS;
+) ON COMMIT DELETE ROWS
 """
 
-_DATA_COLUMNS = TRANSACTION_COLUMNS[1:10]
-UPSERT_TRANSACTIONS = f"""
-INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS)}, run_id)
-SELECT DISTINCT ON (transaction_id) {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s
-FROM stage_transactions
-ORDER BY transaction_id, seq DESC
-ON CONFLICT (transaction_id) DO UPDATE SET
-    {", ".join(f"{c} = EXCLUDED.{c}" for c in TRANSACTION_COLUMNS[1:])},
-    run_id = EXCLUDED.run_id, updated_at = now()
-WHERE ({", ".join(f"transactions.{c}" for c in TRANSACTION_COLUMNS[1:])})
-    IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in TRANSACTION_COLUMNS[1:])})
+_DATA = TRANSACTION_COLUMNS[1:]
+FLUSH_STATEMENT = f"""
+WITH latest AS (
+    SELECT DISTINCT ON (transaction_id) * FROM stage_rows ORDER BY transaction_id, seq DESC
+), upsert_transactions AS (
+    INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS)}, run_id)
+    SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM latest ORDER BY transaction_id
+    ON CONFLICT (transaction_id) DO UPDATE SET
+        {", ".join(f"{c} = EXCLUDED.{c}" for c in _DATA)},
+        run_id = EXCLUDED.run_id, updated_at = now()
+    WHERE ({", ".join(f"transactions.{c}" for c in _DATA)})
+        IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in _DATA)})
+    RETURNING 1
+), upsert_predictions AS (
+    INSERT INTO predictions (transaction_id, model_version, fraud_score, prediction, run_id)
+    SELECT transaction_id, model_version, fraud_score, prediction, %(run_id)s
+    FROM latest WHERE fraud_score IS NOT NULL ORDER BY transaction_id
+    ON CONFLICT (transaction_id, model_version) DO UPDATE SET
+        fraud_score = EXCLUDED.fraud_score, prediction = EXCLUDED.prediction,
+        run_id = EXCLUDED.run_id, scored_at = now()
+    WHERE (predictions.fraud_score, predictions.prediction)
+        IS DISTINCT FROM (EXCLUDED.fraud_score, EXCLUDED.prediction)
+    RETURNING 1
+), resolve_failures AS (
+    -- Scored now: any open failure of the transaction is resolved.
+    UPDATE failed_transactions f SET resolved_at = now(), resolved_by_run = %(run_id)s
+    FROM latest l
+    WHERE l.fraud_score IS NOT NULL AND f.transaction_id = l.transaction_id AND f.resolved_at IS NULL
+    RETURNING 1
+), drop_stale_predictions AS (
+    -- Failed now: the prediction of the same model version described an older row.
+    DELETE FROM predictions p USING latest l
+    WHERE l.reason IS NOT NULL AND p.transaction_id = l.transaction_id
+        AND p.model_version = l.model_version
+    RETURNING 1
+), upsert_failures AS (
+    INSERT INTO failed_transactions (transaction_id, model_version, reason, http_status, attempts, run_id)
+    SELECT transaction_id, model_version, reason, http_status, attempts, %(run_id)s
+    FROM latest WHERE reason IS NOT NULL ORDER BY transaction_id
+    ON CONFLICT (transaction_id) WHERE resolved_at IS NULL DO UPDATE SET
+        model_version = EXCLUDED.model_version, reason = EXCLUDED.reason,
+        http_status = EXCLUDED.http_status,
+        attempts = failed_transactions.attempts + EXCLUDED.attempts,
+        run_id = EXCLUDED.run_id, failed_at = now()
+    RETURNING 1
+), insert_invalid AS (
+    INSERT INTO invalid_rows (source_uri, source_version, line_number, raw_text, reasons, run_id)
+    SELECT r.source_uri, r.source_version, r.line_number, r.raw_text, r.reasons, %(run_id)s
+    FROM jsonb_to_recordset(%(invalid)s::jsonb) AS r(
+        source_uri text, source_version text, line_number bigint, raw_text text, reasons jsonb)
+    ON CONFLICT (source_uri, source_version, line_number) DO UPDATE SET run_id = EXCLUDED.run_id
+    WHERE invalid_rows.run_id IS DISTINCT FROM EXCLUDED.run_id
+    RETURNING 1
+), {ledger.OBJECT_PROGRESS.strip()}, {ledger.RUN_OBJECTS.strip()}
+{ledger.RUN_PROGRESS.strip()}
 """
 
-UPSERT_PREDICTIONS = """
-INSERT INTO predictions (transaction_id, model_version, fraud_score, prediction, run_id)
-SELECT transaction_id, model_version, fraud_score, prediction, %(run_id)s FROM stage_predictions
-ORDER BY transaction_id
-ON CONFLICT (transaction_id, model_version) DO UPDATE SET
-    fraud_score = EXCLUDED.fraud_score, prediction = EXCLUDED.prediction,
-    run_id = EXCLUDED.run_id, scored_at = now()
-WHERE (predictions.fraud_score, predictions.prediction)
-    IS DISTINCT FROM (EXCLUDED.fraud_score, EXCLUDED.prediction)
-"""
-
-# Scored now: any open failure of the transaction is resolved.
-RESOLVE_FAILURES = """
-UPDATE failed_transactions f SET resolved_at = now(), resolved_by_run = %(run_id)s
-FROM stage_predictions s
-WHERE f.transaction_id = s.transaction_id AND f.resolved_at IS NULL
-"""
-
-# Failed now: the prediction of the same model version described an older row.
-DELETE_STALE_PREDICTIONS = """
-DELETE FROM predictions p USING stage_failures s
-WHERE p.transaction_id = s.transaction_id AND p.model_version = s.model_version
-"""
-
-UPSERT_FAILURES = """
-INSERT INTO failed_transactions (transaction_id, model_version, reason, http_status, attempts, run_id)
-SELECT transaction_id, model_version, reason, http_status, attempts, %(run_id)s FROM stage_failures
-ORDER BY transaction_id
-ON CONFLICT (transaction_id) WHERE resolved_at IS NULL DO UPDATE SET
-    model_version = EXCLUDED.model_version, reason = EXCLUDED.reason,
-    http_status = EXCLUDED.http_status,
-    attempts = failed_transactions.attempts + EXCLUDED.attempts,
-    run_id = EXCLUDED.run_id, failed_at = now()
-"""
-
-INSERT_INVALID = """
-INSERT INTO invalid_rows (source_uri, source_version, line_number, raw_text, reasons, run_id)
-SELECT source_uri, source_version, line_number, raw_text, reasons, %(run_id)s FROM stage_invalid
-ON CONFLICT (source_uri, source_version, line_number) DO UPDATE SET run_id = EXCLUDED.run_id
-WHERE invalid_rows.run_id IS DISTINCT FROM EXCLUDED.run_id
-"""
+STAGE_ROWS = f"stage_rows ({', '.join(TRANSACTION_COLUMNS + OUTCOME_COLUMNS)})"
+COPY_LINE = "_copy"
+COPY_DATETIME = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
 
 ObjectStatus = Literal["processing", "completed", "failed"]
 
@@ -167,6 +179,14 @@ class RunProgress:
     model_version: str | None = None
 
 
+def _quoted(expr: pl.Expr) -> pl.Expr:
+    return pl.lit('"') + expr.str.replace_all('"', '""', literal=True) + pl.lit('"')
+
+
+def csv_quote(value: str) -> str:
+    return '"' + value.replace('"', '""') + '"'
+
+
 class Sink:
     """Buffers scored units in order and writes them, one transaction per flush."""
 
@@ -192,8 +212,7 @@ class Sink:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = db.connect(self.database_url, "batch-pipeline sink")
-            with self._conn.transaction():
-                self._conn.execute(STAGING_DDL)
+            self._conn.execute(STAGING_DDL)
         return self._conn
 
     def _reconnect(self) -> None:
@@ -205,6 +224,35 @@ class Sink:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+    # -- preparing, on the reader thread ------------------------------------------
+
+    @staticmethod
+    def prepare_rows(frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
+        """Add each row's COPY line (its transaction part): formatted once per chunk by
+        polars on the reader thread, so that the writer only joins strings (polars calls
+        made by the writer would queue behind the reader's on polars' shared pool)."""
+        if frame.height == 0:
+            return frame.with_columns(pl.lit("").alias(COPY_LINE))
+        line = pl.concat_str(
+            [
+                pl.col("transaction_id"),
+                pl.col("event_time").dt.strftime(COPY_DATETIME),
+                _quoted(pl.col("account_id")),
+                _quoted(pl.col("merchant_id")),
+                pl.col("merchant_category"),
+                pl.col("amount").cast(pl.String),
+                pl.col("currency"),
+                pl.col("country"),
+                pl.col("channel"),
+                pl.when(pl.col("card_present")).then(pl.lit("t")).otherwise(pl.lit("f")),
+                _quoted(pl.lit(obj.uri)),
+                _quoted(pl.lit(obj.version)),
+                pl.col(LINE_COLUMN).cast(pl.String),
+            ],
+            separator=",",
+        )
+        return frame.with_columns(line.alias(COPY_LINE))
 
     # -- input, in source order ------------------------------------------------
 
@@ -231,7 +279,7 @@ class Sink:
             self.flush()
 
     def end_object(self, obj: SourceObject, error: str | None = None) -> None:
-        """The object is fully read (or failed): mark it in the next flush, written now."""
+        """The object is fully read (or failed): mark it in a flush, written now."""
         progress = self._objects[(obj.uri, obj.version)]
         progress.status = "failed" if error else "completed"
         progress.error = error
@@ -243,35 +291,6 @@ class Sink:
     def pending_rows(self) -> int:
         return self._buffer.rows
 
-    # -- preparing, on the reader thread ------------------------------------------
-
-    @staticmethod
-    def prepare_rows(frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
-        """Add each row's COPY line: formatted once per chunk by polars, on the reader
-        thread, so that the writer only joins strings (polars calls made by the writer
-        would queue behind the reader's on polars' shared thread pool)."""
-        if frame.height == 0:
-            return frame.with_columns(pl.lit("").alias(COPY_LINE))
-        line = pl.concat_str(
-            [
-                pl.col("transaction_id"),
-                pl.col("event_time").dt.strftime(COPY_DATETIME),
-                _quoted(pl.col("account_id")),
-                _quoted(pl.col("merchant_id")),
-                pl.col("merchant_category"),
-                pl.col("amount").cast(pl.String),
-                pl.col("currency"),
-                pl.col("country"),
-                pl.col("channel"),
-                pl.when(pl.col("card_present")).then(pl.lit("t")).otherwise(pl.lit("f")),
-                _quoted(pl.lit(obj.uri)),
-                _quoted(pl.lit(obj.version)),
-                pl.col(LINE_COLUMN).cast(pl.String),
-            ],
-            separator=",",
-        )
-        return frame.with_columns(line.alias(COPY_LINE))
-
     # -- writing ---------------------------------------------------------------
 
     def flush(self) -> None:
@@ -280,67 +299,61 @@ class Sink:
             return
         failpoint("before_flush")
         began = time.perf_counter()
-        batch = self._prepare()
+        batch = PreparedFlush.build(self._buffer, self.run.model_version)
         db.with_retries(lambda: self._write(batch), "writing a flush", on_retry=self._reconnect)
         failpoint("after_flush")
         self._account(batch)
+        self._buffer.clear()
+        self._run_dirty = False
         elapsed = time.perf_counter() - began
         self.run.busy_seconds += elapsed
         if self.on_flush:
             self.on_flush(elapsed)
-        self._buffer.clear()
-        self._run_dirty = False
 
-    def _prepare(self) -> PreparedFlush:
-        return PreparedFlush.build(self._buffer, self.run.model_version)
-
-    def _write(self, batch: PreparedFlush) -> None:
-        began = time.perf_counter()
-        conn = self._connection()
-        params = {"run_id": self.run_id}
-        with conn.transaction(), conn.cursor() as cur:
-            if batch.transactions:
-                copy_text(cur, STAGE_TRANSACTIONS, batch.transactions, "csv")
-                cur.execute(UPSERT_TRANSACTIONS, params)
-            if batch.failures:
-                copy_rows(cur, STAGE_FAILURES, batch.failures)
-                cur.execute(DELETE_STALE_PREDICTIONS)
-                cur.execute(UPSERT_FAILURES, params)
-            if batch.predictions:
-                copy_text(cur, STAGE_PREDICTIONS, predictions_text(batch.predictions), "text")
-                cur.execute(UPSERT_PREDICTIONS, params)
-                cur.execute(RESOLVE_FAILURES, params)
-            if batch.invalid:
-                copy_rows(cur, STAGE_INVALID, batch.invalid)
-                cur.execute(INSERT_INVALID, params)
-            counts = Counts()
-            counts.add(self.run.counts)
-            counts.add(batch.counts)
-            for progress, delta in batch.objects:
-                ledger.record_object_progress(
-                    cur,
+    def _params(self, batch: PreparedFlush) -> dict[str, Any]:
+        total = plus(self.run.counts, batch.counts)
+        objects = []
+        run_objects = []
+        for progress, delta in batch.objects:
+            objects.append(
+                ledger.object_progress_json(
                     progress.obj,
                     progress.checkpoint_line,
                     plus(progress.counts, delta),
                     progress.status,
                     progress.error,
                 )
-                ledger.record_run_object(
-                    cur,
-                    self.run_id,
-                    progress.obj,
-                    plus(progress.run_counts, delta),
-                    progress.status,
-                )
-            ledger.record_run_progress(
-                cur,
-                self.run_id,
-                counts,
-                self.run.objects_done + batch.objects_completed,
-                self.run.objects_failed + batch.objects_failed,
-                self.run.objects_skipped,
-                batch.model_version,
             )
+            run_objects.append(
+                ledger.run_object_json(
+                    progress.obj, plus(progress.run_counts, delta), progress.status
+                )
+            )
+        return {
+            "run_id": self.run_id,
+            "invalid": orjson.dumps(batch.invalid).decode(),
+            "objects": orjson.dumps(objects).decode(),
+            "run_objects": orjson.dumps(run_objects).decode(),
+            "read": total.read,
+            "valid": total.valid,
+            "invalid_count": total.invalid,
+            "scored": total.scored,
+            "failed": total.failed,
+            "objects_done": self.run.objects_done + batch.objects_completed,
+            "objects_failed": self.run.objects_failed + batch.objects_failed,
+            "objects_skipped": self.run.objects_skipped,
+            "model_version": batch.model_version,
+        }
+
+    def _write(self, batch: PreparedFlush) -> None:
+        began = time.perf_counter()
+        conn = self._connection()
+        params = self._params(batch)
+        with conn.transaction(), conn.cursor() as cur:
+            if batch.rows:
+                with cur.copy(f"COPY {STAGE_ROWS} FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(batch.rows)
+            cur.execute(FLUSH_STATEMENT, params)
             failpoint("flush_before_commit")
         self.run.flush_seconds += time.perf_counter() - began
 
@@ -357,47 +370,6 @@ class Sink:
             progress.run_counts.add(delta)
 
 
-STAGE_FAILURES = "stage_failures (transaction_id, model_version, reason, http_status, attempts)"
-STAGE_INVALID = "stage_invalid (source_uri, source_version, line_number, raw_text, reasons)"
-
-
-STAGE_TRANSACTIONS = f"stage_transactions ({', '.join(TRANSACTION_COLUMNS)})"
-STAGE_PREDICTIONS = "stage_predictions (transaction_id, model_version, fraud_score, prediction)"
-COPY_LINE = "_copy"
-COPY_DATETIME = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
-
-
-def _quoted(expr: pl.Expr) -> pl.Expr:
-    return pl.lit('"') + expr.str.replace_all('"', '""', literal=True) + pl.lit('"')
-
-
-def _escape_text(value: str) -> str:
-    """A value for COPY's text format."""
-    return (
-        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    )
-
-
-def predictions_text(predictions: list[Prediction]) -> str:
-    """COPY text lines. Transaction ids are validated (no character to escape); the
-    model version is the server's, escaped once per distinct value."""
-    escaped: dict[str, str] = {}
-    out = []
-    for p in predictions:
-        version = escaped.get(p.model_version)
-        if version is None:
-            version = escaped[p.model_version] = _escape_text(p.model_version)
-        out.append(
-            f"{p.transaction_id}\t{version}\t{p.fraud_score!r}\t{'t' if p.is_fraud else 'f'}\n"
-        )
-    return "".join(out)
-
-
-def copy_text(cur: psycopg.Cursor[Any], target: str, text: str, fmt: str) -> None:
-    with cur.copy(f"COPY {target} FROM STDIN (FORMAT {fmt})") as copy:
-        copy.write(text)
-
-
 def plus(a: Counts, b: Counts) -> Counts:
     total = Counts()
     total.add(a)
@@ -405,20 +377,12 @@ def plus(a: Counts, b: Counts) -> Counts:
     return total
 
 
-def copy_rows(cur: psycopg.Cursor[Any], target: str, rows: Iterable[Sequence[Any]]) -> None:
-    with cur.copy(f"COPY {target} FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
-
-
 @dataclass
 class PreparedFlush:
-    """Everything one flush writes, reduced to the latest row per transaction_id."""
+    """Everything one flush writes."""
 
-    transactions: str  # COPY csv text, one line per row
-    predictions: list[Prediction]
-    failures: list[tuple[str, str | None, str, int | None, int]]
-    invalid: list[tuple[str, str, int, str, str]]
+    rows: str  # COPY csv text: each transaction row with its outcome
+    invalid: list[dict[str, Any]]
     counts: Counts
     objects: list[tuple[ObjectProgress, Counts]]
     objects_completed: int
@@ -427,43 +391,53 @@ class PreparedFlush:
 
     @classmethod
     def build(cls, buffer: FlushBuffer, known_version: str | None) -> PreparedFlush:
-        # Each row's COPY line was made on the reader thread (Sink.prepare_rows): here
-        # they are only joined. Repeated ids are reduced by DISTINCT ON in SQL.
-        lines: list[str] = []
-        for unit, _ in buffer.units:
-            tx = unit.transactions
-            if tx.height:
-                if COPY_LINE not in tx.columns:
-                    tx = Sink.prepare_rows(tx, unit.obj)
-                lines.extend(tx.get_column(COPY_LINE).to_list())
-        transactions = "\n".join(lines) + "\n" if lines else ""
-
-        latest: dict[str, Prediction | Failure] = {}
-        counts = Counts()
-        deltas: dict[tuple[str, str], Counts] = {}
-        invalid: list[tuple[str, str, int, str, str]] = []
         model_version = known_version
-        for unit, result in buffer.units:
-            for p in result.predictions:
-                latest[p.transaction_id] = p
-            for f in result.failures:
-                latest[f.transaction_id] = f
+        for _unit, result in buffer.units:
             if result.predictions:
                 model_version = result.predictions[-1].model_version
+        quoted_versions: dict[str, str] = {}
+
+        def outcome_of(o: Prediction | Failure) -> str:
+            if isinstance(o, Prediction):
+                version = quoted_versions.get(o.model_version)
+                if version is None:
+                    version = quoted_versions[o.model_version] = csv_quote(o.model_version)
+                return f"{version},{o.fraud_score!r},{'t' if o.is_fraud else 'f'},,,"
+            version = csv_quote(model_version) if model_version else ""
+            status = "" if o.http_status is None else str(o.http_status)
+            return f"{version},,,{csv_quote(o.reason)},{status},{o.attempts}"
+
+        lines: list[str] = []
+        invalid: list[dict[str, Any]] = []
+        counts = Counts()
+        deltas: dict[tuple[str, str], Counts] = {}
+        for unit, result in buffer.units:
+            tx = unit.transactions
+            if tx.height:
+                # Each row's transaction part was made on the reader thread
+                # (Sink.prepare_rows); here it only gets its outcome appended.
+                if COPY_LINE not in tx.columns:
+                    tx = Sink.prepare_rows(tx, unit.obj)
+                outcome = {o.transaction_id: outcome_of(o) for o in result.predictions}
+                outcome.update((f.transaction_id, outcome_of(f)) for f in result.failures)
+                ids = tx.get_column("transaction_id").to_list()
+                copy_lines = tx.get_column(COPY_LINE).to_list()
+                lines.extend(
+                    f"{line},{outcome[i]}" for line, i in zip(copy_lines, ids, strict=True)
+                )
             for row in unit.invalid:
-                reasons = orjson.dumps([r.as_json() for r in row.reasons]).decode()
                 invalid.append(
-                    (unit.obj.uri, unit.obj.version, row.line_number, row.raw_text, reasons)
+                    {
+                        "source_uri": unit.obj.uri,
+                        "source_version": unit.obj.version,
+                        "line_number": row.line_number,
+                        "raw_text": row.raw_text,
+                        "reasons": [r.as_json() for r in row.reasons],
+                    }
                 )
             unit_counts = unit.counts(result)
             deltas.setdefault((unit.obj.uri, unit.obj.version), Counts()).add(unit_counts)
             counts.add(unit_counts)
-        predictions = [o for o in latest.values() if isinstance(o, Prediction)]
-        failures = [
-            (o.transaction_id, model_version, o.reason, o.http_status, o.attempts)
-            for o in latest.values()
-            if isinstance(o, Failure)
-        ]
 
         objects = []
         completed = failed_objects = 0
@@ -473,14 +447,5 @@ class PreparedFlush:
                 completed += 1
             elif progress.status == "failed":
                 failed_objects += 1
-        return cls(
-            transactions,
-            predictions,
-            failures,
-            invalid,
-            counts,
-            objects,
-            completed,
-            failed_objects,
-            model_version,
-        )
+        rows = "\n".join(lines) + "\n" if lines else ""
+        return cls(rows, invalid, counts, objects, completed, failed_objects, model_version)

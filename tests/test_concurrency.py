@@ -67,15 +67,19 @@ def test_multiplicative_decrease_once_per_round() -> None:
     assert limiter.stats().decreases >= 3
 
 
-def test_latency_far_above_the_baseline_is_a_signal() -> None:
+def test_sustained_latency_well_above_the_typical_is_a_signal_a_spike_is_not() -> None:
     clock = Clock()
     limiter = Limiter(20, adaptive=True, clock=clock)
-    for _ in range(200):
+    for i in range(200):
         clock.now += 0.01
-        attempt(limiter, Outcome.SUCCESS, latency=0.010)
+        attempt(limiter, Outcome.SUCCESS, latency=0.010 if i % 3 else 0.030)  # noisy but steady
     assert limiter.limit == 20
     clock.now += 0.01
-    attempt(limiter, Outcome.SUCCESS, latency=0.200)
+    attempt(limiter, Outcome.SUCCESS, latency=0.500)  # one slow answer: noise
+    assert limiter.limit == 20
+    for _ in range(10):  # the service slows down for good
+        clock.now += 0.01
+        attempt(limiter, Outcome.SUCCESS, latency=0.200)
     assert limiter.limit == 18
 
 

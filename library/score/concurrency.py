@@ -5,8 +5,10 @@
 * **Concurrency.** In `adaptive` mode the limit follows the service with AIMD,
   as Netflix's concurrency-limits (AIMDLimit) and Envoy's adaptive concurrency
   filter do: each success adds 1/limit (one more slot per "round" of requests);
-  a 429, a 503, a timeout, or a latency far above the baseline (the fastest
-  recent answers) cuts the limit by a factor, at most once per round so that a
+  a 429, a 503, a timeout, or a sustained latency well above the baseline (the
+  median of the last 10 answers over 2.5 times the median of the last 200: on a
+  shared machine single slow answers are noise, not a signal) cuts the limit by
+  a factor, at most once per round so that a
   burst of rejections of requests sent together counts as one signal. After a
   cut the limit holds for a few rounds before probing upward again, so that the
   retries of the rejected requests land below the service's capacity; each
@@ -31,9 +33,11 @@ from enum import Enum
 INITIAL_ADAPTIVE_LIMIT = 4
 DECREASE_FACTOR = 0.7  # multiplicative decrease on a rejection
 LATENCY_DECREASE_FACTOR = 0.9  # gentler, on slow answers
-LATENCY_TOLERANCE = 3.0  # "far above the baseline": this many times the fastest recent answers
+LATENCY_TOLERANCE = 2.5  # "well above the baseline": the recent median this many times the typical
 LATENCY_FLOOR = 0.005  # seconds: below this, latency noise is not a signal
-BASELINE_WINDOW = 200  # answers the baseline is taken from
+BASELINE_WINDOW = 200  # answers the typical latency is the median of
+RECENT_WINDOW = 10  # answers the recent latency is the median of
+MIN_BASELINE_SAMPLES = 50
 HOLD_ROUNDS = 5  # after a decrease, rounds of successes before probing upward again
 MAX_HOLD_DOUBLINGS = 5  # failed probes in a row double the hold, up to 2^5 times
 
@@ -79,6 +83,8 @@ class Limiter:
         self._interval = 1.0 / rate if rate else 0.0
         self._next_start = 0.0
         self._latencies: deque[float] = deque(maxlen=BASELINE_WINDOW)
+        self._recent: deque[float] = deque(maxlen=RECENT_WINDOW)
+        self._typical: float | None = None  # median of _latencies, refreshed every 20 answers
         self._last_decrease_at = float("-inf")
         self._decreases = 0
         self._hold = 0  # successes to wait before the next increase
@@ -150,16 +156,17 @@ class Limiter:
             return
         if outcome is not Outcome.SUCCESS:
             return
-        baseline = min(self._latencies) if self._latencies else None
         self._latencies.append(latency)
-        if (
-            baseline is not None
-            and fresh
-            and latency > max(baseline * LATENCY_TOLERANCE, baseline + LATENCY_FLOOR)
-            and len(self._latencies) >= 20
-        ):
-            self._decrease(LATENCY_DECREASE_FACTOR)
-            return
+        self._recent.append(latency)
+        if len(self._latencies) % 20 == 0 and len(self._latencies) >= MIN_BASELINE_SAMPLES:
+            self._typical = _median(self._latencies)
+        typical = self._typical
+        if typical is not None and fresh and len(self._recent) == RECENT_WINDOW:
+            recent = _median(self._recent)
+            if recent > max(typical * LATENCY_TOLERANCE, typical + LATENCY_FLOOR):
+                self._decrease(LATENCY_DECREASE_FACTOR)
+                self._recent.clear()  # judge the new limit on its own answers
+                return
         if self._hold > 0:
             self._hold -= 1
             return
@@ -194,9 +201,11 @@ class Limiter:
     # -- reading ---------------------------------------------------------------
 
     def baseline_latency(self) -> float | None:
-        """The fastest recent answer: the service's own time scale."""
+        """The typical answer time: the service's own time scale."""
         with self._cond:
-            return min(self._latencies) if self._latencies else None
+            if self._typical is not None:
+                return self._typical
+            return _median(self._latencies) if self._latencies else None
 
     @property
     def limit(self) -> int:
@@ -215,3 +224,8 @@ class Limiter:
                 limit_seconds=seconds,
                 elapsed=now - self._started,
             )
+
+
+def _median(values: deque[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
