@@ -116,11 +116,14 @@ class Migration:
         return self.path.read_text(encoding="utf-8")
 
     def checksum(self) -> int:
-        """Flyway's checksum: CRC32 over the UTF-8 bytes of each line, line ends excluded."""
+        """Flyway's checksum: CRC32 over the UTF-8 bytes of each line, line ends excluded.
+
+        Flyway splits lines at \\n, \\r and \\r\\n only (read_text has already turned the
+        last two into \\n); str.splitlines would also split at form feeds, \\x85, \\u2028...
+        Checked against Flyway 11.20.3: identical history rows both ways."""
         crc = 0
-        text = self.sql()
-        text = text.removeprefix("\ufeff")
-        for line in text.splitlines():
+        text = self.sql().removeprefix("\ufeff")
+        for line in text.split("\n"):
             crc = zlib.crc32(line.encode("utf-8"), crc)
         return crc - (1 << 32) if crc >= 1 << 31 else crc
 
