@@ -86,8 +86,14 @@ FLUSH_STATEMENT = f"""
 WITH latest AS (
     SELECT DISTINCT ON (transaction_id) * FROM stage_rows ORDER BY transaction_id, seq DESC
 ), upsert_transactions AS (
+    -- Rows identical to the stored ones are left alone: ON CONFLICT DO UPDATE would
+    -- lock them (writing their tuple header and WAL) even when its WHERE is false.
     INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS)}, run_id)
-    SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM latest ORDER BY transaction_id
+    SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM latest l
+    WHERE NOT EXISTS (
+        SELECT 1 FROM transactions t WHERE t.transaction_id = l.transaction_id
+        AND ({", ".join(f"t.{c}" for c in _DATA)}) IS NOT DISTINCT FROM ({", ".join(f"l.{c}" for c in _DATA)}))
+    ORDER BY transaction_id
     ON CONFLICT (transaction_id) DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c in _DATA)},
         run_id = EXCLUDED.run_id, updated_at = now()
@@ -97,7 +103,12 @@ WITH latest AS (
 ), upsert_predictions AS (
     INSERT INTO predictions (transaction_id, model_version, fraud_score, prediction, run_id)
     SELECT transaction_id, model_version, fraud_score, prediction, %(run_id)s
-    FROM latest WHERE fraud_score IS NOT NULL ORDER BY transaction_id
+    FROM latest l WHERE fraud_score IS NOT NULL
+    AND NOT EXISTS (
+        SELECT 1 FROM predictions p WHERE p.transaction_id = l.transaction_id
+        AND p.model_version = l.model_version
+        AND (p.fraud_score, p.prediction) IS NOT DISTINCT FROM (l.fraud_score, l.prediction))
+    ORDER BY transaction_id
     ON CONFLICT (transaction_id, model_version) DO UPDATE SET
         fraud_score = EXCLUDED.fraud_score, prediction = EXCLUDED.prediction,
         run_id = EXCLUDED.run_id, scored_at = now()
