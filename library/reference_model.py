@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -101,6 +103,10 @@ class ModelHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # TCP_NODELAY: no 40 ms stall per response
     server_version = "batch-pipeline-reference-model"
     model_version = MODEL_VERSION
+    latency = 0.0  # seconds added to every /predict, to mimic a remote model
+    capacity: int | None = None  # answer 429 while more requests than this are in flight
+    _in_flight = 0
+    _lock = threading.Lock()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -151,10 +157,23 @@ class ModelHandler(BaseHTTPRequestHandler):
         self.handle_predict(body)
 
     def handle_predict(self, body: bytes) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._in_flight += 1
+            crowded = cls.capacity is not None and cls._in_flight > cls.capacity
         try:
-            self.send_json(200, predict(body, self.model_version))
-        except RequestRejected as exc:
-            self.send_json(exc.status, {"error": str(exc)})
+            if crowded:
+                self.send_json(429, {"error": f"over capacity ({cls.capacity} requests in flight)"})
+                return
+            if self.latency:
+                time.sleep(self.latency)
+            try:
+                self.send_json(200, predict(body, self.model_version))
+            except RequestRejected as exc:
+                self.send_json(exc.status, {"error": str(exc)})
+        finally:
+            with cls._lock:
+                cls._in_flight -= 1
 
 
 def make_server(
@@ -165,10 +184,27 @@ def make_server(
     return server
 
 
-def serve(host: str, port: int) -> None:
-    server = make_server(host, port)
+def serve(host: str, port: int, latency_ms: float = 0.0, capacity: int | None = None) -> None:
+    handler = type(
+        "ConfiguredModelHandler",
+        (ModelHandler,),
+        {
+            "latency": latency_ms / 1000.0,
+            "capacity": capacity,
+            "_lock": threading.Lock(),
+            "_in_flight": 0,
+        },
+    )
+    server = make_server(host, port, handler)
     address = server.server_address
-    log.info("reference model %s listening on http://%s:%s", MODEL_VERSION, address[0], address[1])
+    log.info(
+        "reference model %s listening on http://%s:%s (latency %g ms, capacity %s)",
+        MODEL_VERSION,
+        address[0],
+        address[1],
+        latency_ms,
+        capacity or "unlimited",
+    )
     try:
         server.serve_forever()
     finally:

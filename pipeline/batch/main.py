@@ -119,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--host", default="127.0.0.1", help="address to bind [default 127.0.0.1]")
     model.add_argument("--port", type=int, default=8000, help="port [default 8000]")
+    model.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="add this latency to every /predict (benchmarks)",
+    )
+    model.add_argument(
+        "--capacity",
+        type=int,
+        default=None,
+        help="answer 429 above this many requests in flight (benchmarks)",
+    )
     model.add_argument("--log-level", default="INFO", dest="LOG_LEVEL")
     return parser
 
@@ -358,7 +370,7 @@ def cmd_model_server(args: argparse.Namespace) -> int:
 
     logs.setup_logging(str(args.LOG_LEVEL).upper())
     try:
-        serve(args.host, args.port)
+        serve(args.host, args.port, args.latency_ms, args.capacity)
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

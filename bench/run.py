@@ -1,0 +1,432 @@
+"""The benchmark: `python -m bench` (or `uv run python -m bench --help`).
+
+It generates a deterministic input per the contract (about 1% invalid rows and 1%
+duplicates, split into several objects), uploads it to an S3 server, starts
+PostgreSQL, the S3 server and the reference model server on 127.0.0.1 (each in
+its own process), and measures, as rows per second, median of --repeat runs:
+
+1. end to end: `batch-pipeline run` over the whole input;
+2. read + validate alone: `batch-pipeline run --dry-run`;
+3. scoring alone: the same valid rows through the scoring client, nothing written;
+4. write alone: the same rows, already scored, through the sink.
+
+Then the efficiency (end to end / slowest stage alone), the peak RSS of the
+pipeline process, wall time and peak RSS at each of --scale sizes, the
+end-to-end rate against a model that adds 20 ms to every request (5 and 20
+workers) next to its ceiling (workers x API_BATCH_SIZE / latency), adaptive
+concurrency against a model with a capacity of K requests in flight, and the cost
+of progress, JSON logs and metrics. Figures go to a JSON file and a table.
+
+Every run uses the job's defaults unless a measure says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.services import PYTHON, Services, model_server, services
+from library.config import DEFAULT_API_BATCH_SIZE
+from library.sample_data import generate_rows, write_csv
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKDIR = ROOT / ".batch-pipeline" / "bench"
+CLI = [PYTHON, "-m", "pipeline.batch.main"]
+BUCKET = "bench"
+LATENCY_MS = 20.0
+LATENCY_ROWS = 200_000
+CAPACITY = 4
+
+
+@dataclass
+class Measure:
+    rows: int
+    seconds: float
+    peak_rss_mb: float | None = None
+    cpu_seconds: float | None = None
+    output: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def log(message: str) -> None:
+    print(f"[bench {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+# -- input ---------------------------------------------------------------------
+
+
+def dataset(rows: int, objects: int, seed: int = 7) -> list[Path]:
+    """Deterministic objects of the contract; cached under .batch-pipeline/bench/data."""
+    folder = WORKDIR / "data" / f"{rows}_{objects}_{seed}"
+    marker = folder / ".complete"
+    if marker.exists():
+        return sorted(p for p in folder.iterdir() if p.name.endswith(".csv"))
+    folder.mkdir(parents=True, exist_ok=True)
+    log(f"generating {rows:,} rows in {objects} objects")
+    generated = generate_rows(rows, seed)
+    per_object = -(-rows // objects)
+    paths = []
+    for i in range(objects):
+        part = [r for _, r in zip(range(per_object), generated, strict=False)]
+        paths.append(write_csv(folder / f"part_{i:04d}.csv", iter(part)))
+    marker.touch()
+    return paths
+
+
+def upload(svc: Services, paths: list[Path], prefix: str) -> str:
+    try:
+        svc.s3.create_bucket(Bucket=BUCKET)
+    except svc.s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for path in paths:
+        svc.s3.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+    return f"s3://{BUCKET}/{prefix}/"
+
+
+# -- running ---------------------------------------------------------------------
+
+
+def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS (MB), exit code and output of one child process."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    assert proc.stdout is not None
+    output = proc.stdout.read().decode("utf-8", "replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - began
+    return seconds, usage.ru_maxrss / 1024, proc.returncode, output
+
+
+def end_to_end(svc: Services, source_uri: str, rows: int, **env: str) -> Measure:
+    database = svc.fresh_database()
+    try:
+        seconds, rss, code, output = timed_process(
+            [*CLI, "run"], svc.env(database, SOURCE_URI=source_uri, **env)
+        )
+    finally:
+        svc.drop_database(database)
+    if code not in (0, 3):
+        raise RuntimeError(f"batch-pipeline run exited {code}:\n{output[-3000:]}")
+    return Measure(rows, seconds, rss, output=output)
+
+
+def dry_run(svc: Services, source_uri: str, rows: int) -> Measure:
+    seconds, rss, code, output = timed_process(
+        [*CLI, "run", "--dry-run"], svc.env("", SOURCE_URI=source_uri)
+    )
+    if code not in (0, 3):
+        raise RuntimeError(f"dry run exited {code}:\n{output[-3000:]}")
+    return Measure(rows, seconds, rss, output=output)
+
+
+def stage(svc: Services, name: str, source_uri: str) -> Measure:
+    database = svc.fresh_database()
+    try:
+        _, rss, code, output = timed_process(
+            [PYTHON, "-m", "bench.stages", name], svc.env(database, SOURCE_URI=source_uri)
+        )
+    finally:
+        svc.drop_database(database)
+    if code != 0:
+        raise RuntimeError(f"stage {name} exited {code}:\n{output[-3000:]}")
+    figures = orjson.loads(output.strip().splitlines()[-1])
+    return Measure(int(figures["rows"]), figures["seconds"], rss, figures["cpu_seconds"])
+
+
+def median(measure: Callable[[], Measure], repeat: int, label: str) -> tuple[Measure, list[float]]:
+    runs = []
+    for i in range(repeat):
+        m = measure()
+        log(f"{label} {i + 1}/{repeat}: {m.rate:,.0f} rows/s ({m.seconds:.1f}s)")
+        runs.append(m)
+    runs.sort(key=lambda m: m.rate)
+    return runs[len(runs) // 2], [round(m.rate) for m in runs]
+
+
+def summary_value(output: str, key: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(key):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+# -- the measures ----------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
+    parser.add_argument(
+        "--rows", type=int, default=1_000_000, help="rows of the main input [1000000]"
+    )
+    parser.add_argument(
+        "--objects", type=int, default=10, help="objects the input is split into [10]"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per measure; the median is kept [3]"
+    )
+    parser.add_argument(
+        "--scale",
+        default="100000,1000000,5000000",
+        help="sizes for the growth table, comma-separated",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="100k rows, 1 run each, scale 100k and 300k"
+    )
+    parser.add_argument("--output", default=str(WORKDIR / "results" / "latest.json"))
+    parser.add_argument(
+        "--only",
+        default="stages,scale,latency,adaptive,observability",
+        help="which measures to take, comma-separated",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.repeat, args.scale = 100_000, 1, "100000,300000"
+    only = set(args.only.split(","))
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "rows": args.rows,
+        "objects": args.objects,
+        "repeat": args.repeat,
+    }
+    with services(WORKDIR) as svc:
+        main_uri = upload(svc, dataset(args.rows, args.objects), f"rows{args.rows}")
+        if "stages" in only:
+            measure_stages(svc, main_uri, args, results)
+        if "scale" in only:
+            measure_scale(svc, args, results)
+        if "latency" in only:
+            measure_latency(svc, args, results)
+        if "adaptive" in only:
+            measure_adaptive(svc, args, results)
+        if "observability" in only:
+            measure_observability(svc, main_uri, args, results)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(render(results))
+    log(f"figures written to {out}")
+    return 0
+
+
+def measure_stages(
+    svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    rows, repeat = args.rows, args.repeat
+    e2e, e2e_runs = median(lambda: end_to_end(svc, uri, rows), repeat, "end to end")
+    read, read_runs = median(lambda: dry_run(svc, uri, rows), repeat, "read + validate")
+    score, score_runs = median(lambda: stage(svc, "score", uri), repeat, "scoring alone")
+    write, write_runs = median(lambda: stage(svc, "write", uri), repeat, "write alone")
+    stages = {"read_validate": read.rate, "score": score.rate, "write": write.rate}
+    slowest = min(stages, key=lambda k: stages[k])
+    results["stages"] = {
+        "end_to_end": {
+            "rows_per_second": round(e2e.rate),
+            "runs": e2e_runs,
+            "seconds": round(e2e.seconds, 2),
+        },
+        "read_validate": {"rows_per_second": round(read.rate), "runs": read_runs},
+        "score": {
+            "rows_per_second": round(score.rate),
+            "runs": score_runs,
+            "client_cpu_ms_per_1000_rows": round(
+                1000 * (score.cpu_seconds or 0) / score.rows * 1000, 2
+            ),
+        },
+        "write": {"rows_per_second": round(write.rate), "runs": write_runs},
+        "slowest_stage": slowest,
+        "efficiency": round(e2e.rate / stages[slowest], 3),
+        "peak_rss_mb": round(e2e.peak_rss_mb or 0, 1),
+        "summary": {
+            k: summary_value(e2e.output, k) for k in ("concurrency", "stage times", "limited by")
+        },
+    }
+
+
+def measure_scale(svc: Services, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    table = []
+    for size in [int(s) for s in args.scale.split(",") if s]:
+        uri = upload(svc, dataset(size, max(args.objects, size // 100_000)), f"rows{size}")
+        m = end_to_end(svc, uri, size)
+        log(f"scale {size:,}: {m.seconds:.1f}s, peak RSS {m.peak_rss_mb:.0f} MB")
+        table.append(
+            {
+                "rows": size,
+                "seconds": round(m.seconds, 2),
+                "rows_per_second": round(m.rate),
+                "peak_rss_mb": round(m.peak_rss_mb or 0, 1),
+            }
+        )
+    results["scale"] = table
+    by_rows = {t["rows"]: t for t in table}
+    if 1_000_000 in by_rows and 5_000_000 in by_rows:
+        one, five = by_rows[1_000_000], by_rows[5_000_000]
+        results["scale_ratios"] = {
+            "time_5m_over_1m": round(five["seconds"] / one["seconds"], 2),
+            "rss_5m_over_1m": round(five["peak_rss_mb"] / one["peak_rss_mb"], 3),
+        }
+
+
+def measure_latency(svc: Services, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    rows = min(LATENCY_ROWS, args.rows)
+    uri = upload(svc, dataset(rows, 4, seed=11), f"latency{rows}")
+    table = []
+    with model_server(latency_ms=LATENCY_MS) as slow:
+        for workers in (5, 20):
+            m = end_to_end(svc, uri, rows, ML_API_URL=slow, API_MAX_WORKERS=str(workers))
+            ceiling = workers * DEFAULT_API_BATCH_SIZE / (LATENCY_MS / 1000)
+            valid_rate = m.rate * 0.99  # about 1% of rows are invalid and never sent
+            log(
+                f"latency {LATENCY_MS:g} ms, {workers} workers: {m.rate:,.0f} rows/s (ceiling {ceiling:,.0f})"
+            )
+            table.append(
+                {
+                    "workers": workers,
+                    "rows_per_second": round(m.rate),
+                    "ceiling_rows_per_second": round(ceiling),
+                    "fraction_of_ceiling": round(valid_rate / ceiling, 3),
+                    "concurrency": summary_value(m.output, "concurrency"),
+                }
+            )
+    results["latency_20ms"] = table
+
+
+def measure_adaptive(svc: Services, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    rows = min(LATENCY_ROWS, args.rows)
+    uri = upload(svc, dataset(rows, 4, seed=11), f"latency{rows}")
+    table = {}
+    with model_server(latency_ms=5, capacity=CAPACITY) as limited:
+        cases = {
+            f"fixed_at_capacity_{CAPACITY}": {
+                "API_CONCURRENCY": "fixed",
+                "API_MAX_WORKERS": str(CAPACITY),
+            },
+            f"adaptive_ceiling_{4 * CAPACITY}": {
+                "API_CONCURRENCY": "adaptive",
+                "API_MAX_WORKERS": str(4 * CAPACITY),
+            },
+            f"fixed_at_{4 * CAPACITY}": {
+                "API_CONCURRENCY": "fixed",
+                "API_MAX_WORKERS": str(4 * CAPACITY),
+            },
+        }
+        for name, env in cases.items():
+            m = end_to_end(svc, uri, rows, ML_API_URL=limited, MAX_FAILED_RATIO="1", **env)
+            failed = summary_value(m.output, "rows").split(",")[-1].strip()
+            log(f"capacity {CAPACITY}, {name}: {m.rate:,.0f} rows/s, {failed}")
+            table[name] = {
+                "rows_per_second": round(m.rate),
+                "failed": failed,
+                "api_requests": summary_value(m.output, "api requests"),
+                "concurrency": summary_value(m.output, "concurrency"),
+            }
+    fixed = table[f"fixed_at_capacity_{CAPACITY}"]["rows_per_second"]
+    adaptive = table[f"adaptive_ceiling_{4 * CAPACITY}"]["rows_per_second"]
+    results["adaptive"] = {
+        "capacity": CAPACITY,
+        "cases": table,
+        "adaptive_over_fixed_at_capacity": round(adaptive / fixed, 3),
+    }
+
+
+def measure_observability(
+    svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    textfile = WORKDIR / "metrics.prom"
+    on_env = {
+        "PROGRESS": "log",
+        "PROGRESS_INTERVAL": "1",
+        "LOG_FORMAT": "json",
+        "METRICS_TEXTFILE": str(textfile),
+    }
+    off, off_runs = median(
+        lambda: end_to_end(svc, uri, args.rows), args.repeat, "observability off"
+    )
+    on, on_runs = median(
+        lambda: end_to_end(svc, uri, args.rows, **on_env), args.repeat, "observability on"
+    )
+    results["observability"] = {
+        "off_rows_per_second": round(off.rate),
+        "on_rows_per_second": round(on.rate),
+        "off_runs": off_runs,
+        "on_runs": on_runs,
+        "cost": round(1 - on.rate / off.rate, 4),
+        "on": "PROGRESS=log every 1 s, LOG_FORMAT=json, METRICS_TEXTFILE",
+    }
+
+
+# -- the table -------------------------------------------------------------------
+
+
+def render(r: dict[str, Any]) -> str:
+    lines = [
+        f"batch-pipeline benchmark, {r['date']}, {r['machine']['cpus']} CPUs, Python {r['machine']['python']}"
+    ]
+    if "stages" in r:
+        s = r["stages"]
+        lines += [
+            f"input: {r['rows']:,} rows in {r['objects']} objects; median of {r['repeat']}",
+            f"  end to end          {s['end_to_end']['rows_per_second']:>9,} rows/s  ({s['end_to_end']['seconds']}s)",
+            f"  read + validate     {s['read_validate']['rows_per_second']:>9,} rows/s",
+            f"  scoring alone       {s['score']['rows_per_second']:>9,} rows/s  (client CPU {s['score']['client_cpu_ms_per_1000_rows']} ms / 1000 rows)",
+            f"  write alone         {s['write']['rows_per_second']:>9,} rows/s",
+            f"  efficiency          {s['efficiency']:>9}  (end to end / {s['slowest_stage']} alone; target >= 0.6)",
+            f"  peak RSS            {s['peak_rss_mb']:>9} MB (target <= 300)",
+        ]
+    if "scale" in r:
+        lines.append("scale:  rows        seconds   rows/s    peak RSS MB")
+        for t in r["scale"]:
+            lines.append(
+                f"        {t['rows']:>10,}  {t['seconds']:>7}  {t['rows_per_second']:>8,}  {t['peak_rss_mb']:>8}"
+            )
+        if "scale_ratios" in r:
+            q = r["scale_ratios"]
+            lines.append(
+                f"        5M/1M time {q['time_5m_over_1m']} (target <= 5.5), RSS {q['rss_5m_over_1m']} (target <= 1.15)"
+            )
+    if "latency_20ms" in r:
+        lines.append("model latency 20 ms:")
+        for t in r["latency_20ms"]:
+            lines.append(
+                f"  {t['workers']:>2} workers  {t['rows_per_second']:>8,} rows/s of ceiling {t['ceiling_rows_per_second']:,}"
+                f" ({t['fraction_of_ceiling']:.0%} of valid rows; target >= 80%)  {t['concurrency']}"
+            )
+    if "adaptive" in r:
+        a = r["adaptive"]
+        lines.append(f"model capacity {a['capacity']} in flight:")
+        for name, t in a["cases"].items():
+            lines.append(
+                f"  {name:<22} {t['rows_per_second']:>8,} rows/s  {t['failed']}, {t['api_requests']}"
+            )
+        lines.append(
+            f"  adaptive / fixed at capacity: {a['adaptive_over_fixed_at_capacity']} (target >= 0.8)"
+        )
+    if "observability" in r:
+        o = r["observability"]
+        lines.append(
+            f"progress, JSON logs and metrics: {o['on_rows_per_second']:,} vs {o['off_rows_per_second']:,} rows/s off: "
+            f"cost {o['cost']:.1%} (target < 3%)"
+        )
+    return "\n".join(lines)

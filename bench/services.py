@@ -1,0 +1,175 @@
+"""The services the benchmark measures against, all on 127.0.0.1: PostgreSQL (embedded,
+or BENCH_DATABASE_URL), moto's S3 server and the reference model server, each in its
+own process so that none shares the pipeline's interpreter."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from library import db
+
+PYTHON = sys.executable
+S3_KEY, S3_SECRET = "bench-key", "bench-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not ready after {timeout}s") from None
+            time.sleep(0.1)
+
+
+@contextmanager
+def process(
+    args: list[str], ready_url: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        wait_http(ready_url)
+        yield proc
+    finally:
+        with_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with_group(proc, signal.SIGKILL)
+            proc.wait(10)
+
+
+def with_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def model_server(latency_ms: float = 0.0, capacity: int | None = None) -> Iterator[str]:
+    port = free_port()
+    args = [PYTHON, "-m", "pipeline.batch.main", "model-server", "--port", str(port)]
+    args += ["--latency-ms", str(latency_ms)]
+    if capacity:
+        args += ["--capacity", str(capacity)]
+    url = f"http://127.0.0.1:{port}"
+    with process(args, url + "/health"):
+        yield url
+
+
+@dataclass
+class Services:
+    admin_url: str
+    template: str
+    s3_endpoint: str
+    model_url: str
+    s3: Any
+
+    def fresh_database(self) -> str:
+        """A new, migrated database: each measured run starts from the same empty state."""
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        parts = urlsplit(self.admin_url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+    def drop_database(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def env(self, database_url: str, **extra: str) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(
+                ("API_", "DB_", "ROW_", "MAX_", "PROGRESS", "LOG_", "METRICS", "PUSHGATEWAY")
+            )
+        }
+        env.update(
+            DATABASE_URL=database_url,
+            ML_API_URL=self.model_url,
+            KEY=S3_KEY,
+            SECRET=S3_SECRET,
+            ENDPOINT_URL=self.s3_endpoint,
+            PROGRESS="off",
+        )
+        env.update(extra)
+        return env
+
+
+@contextmanager
+def services(workdir: Path) -> Iterator[Services]:
+    with ExitStack() as stack:
+        admin = os.environ.get("BENCH_DATABASE_URL")
+        if not admin:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import pgserver
+            folder = workdir / "postgres"
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            server = pgserver.get_server(folder, cleanup_mode="stop")
+            stack.callback(server.cleanup)
+            admin = server.get_uri()
+        template = f"bench_template_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{template}"')
+        parts = urlsplit(admin)
+        conn = db.connect(
+            urlunsplit((parts.scheme, parts.netloc, "/" + template, parts.query, parts.fragment))
+        )
+        db.migrate(conn)
+        conn.close()
+
+        def drop_template() -> None:
+            with psycopg.connect(admin, autocommit=True) as c:
+                c.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
+
+        stack.callback(drop_template)
+
+        s3_port = free_port()
+        moto = [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)]
+        stack.enter_context(process(moto, f"http://127.0.0.1:{s3_port}/moto-api/"))
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+        )
+        model = stack.enter_context(model_server())
+        yield Services(admin, template, endpoint, model, s3)

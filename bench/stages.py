@@ -1,0 +1,129 @@
+"""One stage alone, in its own process, for the benchmark.
+
+    python -m bench.stages score   # the valid rows through the scoring client, nothing written
+    python -m bench.stages write   # already-scored rows through the sink, no API call
+
+Both first read, validate and prepare the whole input (not timed), the way a run
+does, then time only their stage, with the run's settings from the environment.
+Prints one JSON line: rows, seconds, cpu_seconds.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import orjson
+
+from library import db, source
+from library.batching import plan_units
+from library.config import load_settings
+from library.flow import ScoreAndWrite, StopSignal
+from library.ledger import Ledger
+from library.models import Prediction, ScoreResult, WorkUnit
+from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
+from library.run import s3_client_for
+from library.score.codec import EVENT_TIME_FORMAT
+from library.sink import Sink
+from library.validate import validate_chunk
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def load_units(flow: ScoreAndWrite) -> list[WorkUnit]:
+    settings = flow.settings
+    assert settings.SOURCE_URI
+    s3 = s3_client_for(settings)
+    units: list[WorkUnit] = []
+    chunk_number = 0
+    for obj in source.list_objects(settings.SOURCE_URI, s3):
+        with source.open_text(obj, s3) as (text, _):
+            for chunk in source.read_chunks(obj, text, settings.ROW_BATCH_SIZE):
+                validated = validate_chunk(chunk)
+                validated.valid = flow.prepare(validated.valid, obj)
+                units.extend(
+                    plan_units(validated, settings.API_BATCH_SIZE, len(units), chunk_number)
+                )
+                chunk_number += 1
+    return units
+
+
+def score() -> dict[str, float]:
+    settings = load_settings()
+    flow = ScoreAndWrite(settings, settings.database_url or "", "bench", StopSignal())
+    units = [u for u in load_units(flow) if u.transactions.height]
+    rows = sum(u.transactions.height for u in units)
+    client = flow.client
+    began, cpu0 = time.perf_counter(), cpu()
+    with ThreadPoolExecutor(settings.API_MAX_WORKERS) as pool:
+        results = list(pool.map(lambda u: client.score(u.transactions), units))
+    seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu0
+    scored = sum(len(r.predictions) for r in results)
+    return {"rows": rows, "scored": scored, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def local_scores(unit: WorkUnit) -> ScoreResult:
+    """What the reference model would answer, computed here: the sink is timed alone."""
+    rows = unit.transactions.select(
+        "transaction_id",
+        unit.transactions["event_time"].dt.strftime(EVENT_TIME_FORMAT),
+        unit.transactions["amount"].cast(float),
+        "merchant_category",
+        "channel",
+        "card_present",
+    ).to_dicts()
+    seen: dict[str, Prediction] = {}
+    for r in rows:
+        s = fraud_score(r)
+        seen[r["transaction_id"]] = Prediction(
+            r["transaction_id"], s, s >= FRAUD_THRESHOLD, MODEL_VERSION
+        )
+    return ScoreResult(predictions=list(seen.values()))
+
+
+def write() -> dict[str, float]:
+    settings = load_settings()
+    url = settings.database_url
+    assert url
+    flow = ScoreAndWrite(settings, url, "bench", StopSignal())
+    units = load_units(flow)
+    results = [local_scores(u) for u in units]
+    rows = sum(u.rows for u in units)
+    conn = db.connect(url)
+    ledger = Ledger(conn)
+    run_id = ledger.start_run(datetime.now(), settings.SOURCE_URI, {})
+    sink = Sink(url, run_id, settings.DB_ROW_BATCH_SIZE)
+    began, cpu0 = time.perf_counter(), cpu()
+    current = None
+    for unit, result in zip(units, results, strict=True):
+        if unit.obj != current:
+            if current is not None:
+                sink.end_object(current)
+            ledger.claim(run_id, unit.obj)
+            sink.begin_object(unit.obj, 1, None)
+            current = unit.obj
+        sink.add(unit, result)
+    if current is not None:
+        sink.end_object(current)
+    sink.flush()
+    seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu0
+    sink.close()
+    conn.close()
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "flushes": sink.run.flushes,
+    }
+
+
+if __name__ == "__main__":
+    stage = sys.argv[1]
+    out = score() if stage == "score" else write()
+    print(orjson.dumps(out).decode())
