@@ -140,7 +140,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(overrides)
 
 
+# Threads waiting on sockets (scoring workers, the writer) must get the GIL back
+# quickly from the CPU-bound reader: at the default 5 ms each answer waits up to 5 ms.
+SWITCH_INTERVAL_SECONDS = 0.001
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,55 @@
+"""The benchmark runs from a clean clone: a tiny input, every measure once.
+
+It asserts that the figures exist and make sense, not how fast they are: speed
+targets belong to the benchmark's own report, never to a timed test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_the_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--rows",
+            "3000",
+            "--objects",
+            "3",
+            "--repeat",
+            "1",
+            "--scale",
+            "2000",
+            "--only",
+            "stages,scale,adaptive,observability",
+            "--output",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    stages = figures["stages"]
+    for name in ("end_to_end", "read_validate", "score", "write"):
+        assert stages[name]["rows_per_second"] > 0, name
+    assert stages["slowest_stage"] in ("read_validate", "score", "write")
+    assert 0 < stages["efficiency"] and stages["peak_rss_mb"] > 0
+    assert figures["scale"][0]["rows"] == 2000
+    assert set(figures["adaptive"]["cases"]) == {
+        "fixed_at_capacity_4",
+        "adaptive_ceiling_16",
+        "fixed_at_16",
+    }
+    assert "cost" in figures["observability"]
+    assert "efficiency" in proc.stdout and "end to end" in proc.stdout
