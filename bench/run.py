@@ -39,7 +39,7 @@ import orjson
 
 from bench.services import PYTHON, Services, model_server, services
 from library.config import DEFAULT_API_BATCH_SIZE
-from library.sample_data import generate_rows, write_csv
+from library.sample_data import write_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = ROOT / ".batch-pipeline" / "bench"
@@ -88,14 +88,8 @@ def dataset(rows: int, objects: int, seed: int = 7) -> list[Path]:
     marker = folder / ".complete"
     if marker.exists():
         return sorted(p for p in folder.iterdir() if p.name.endswith(".csv"))
-    folder.mkdir(parents=True, exist_ok=True)
     log(f"generating {rows:,} rows in {objects} objects")
-    generated = generate_rows(rows, seed)
-    per_object = -(-rows // objects)
-    paths = []
-    for i in range(objects):
-        part = [r for _, r in zip(range(per_object), generated, strict=False)]
-        paths.append(write_csv(folder / f"part_{i:04d}.csv", iter(part)))
+    paths = write_sample(folder, rows, objects, seed, suffixes=(".csv",))
     marker.touch()
     return paths
 

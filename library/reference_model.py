@@ -22,21 +22,12 @@ from typing import Any
 
 import orjson
 
+from library.contract import REQUIRED_COLUMNS
+
 log = logging.getLogger(__name__)
 
 MODEL_VERSION = "reference-2026.01"
-REQUIRED_FIELDS = (
-    "transaction_id",
-    "event_time",
-    "account_id",
-    "merchant_id",
-    "merchant_category",
-    "amount",
-    "currency",
-    "country",
-    "channel",
-    "card_present",
-)
+REQUIRED_FIELDS = REQUIRED_COLUMNS  # the contract's columns, each a field of a request
 RISKY_CATEGORIES = frozenset({"electronics", "gift_cards", "jewelry", "crypto", "travel"})
 FRAUD_THRESHOLD = 0.5
 MAX_BODY_BYTES = 64 * 1024 * 1024

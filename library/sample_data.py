@@ -122,13 +122,20 @@ def write_csv(path: Path, rows: Iterator[list[str]]) -> Path:
     return path
 
 
-def write_sample(folder: Path, total_rows: int, files: int = 3, seed: int = 7) -> list[Path]:
-    """Split a deterministic sample over `files` objects: plain, gzip and zstd in turn."""
-    suffixes = (".csv", ".csv.gz", ".csv.zst")
+def write_sample(
+    folder: Path,
+    total_rows: int,
+    files: int = 3,
+    seed: int = 7,
+    suffixes: tuple[str, ...] = (".csv", ".csv.gz", ".csv.zst"),
+) -> list[Path]:
+    """Split a deterministic sample over `files` objects, taking the suffixes in turn
+    (plain, gzip and zstd by default)."""
     rows = generate_rows(total_rows, seed)
     per_file = -(-total_rows // files)
     written = []
     for f in range(files):
         take = [r for _, r in zip(range(per_file), rows, strict=False)]
-        written.append(write_csv(folder / f"transactions_{f + 1:03d}{suffixes[f % 3]}", iter(take)))
+        name = f"transactions_{f + 1:03d}{suffixes[f % len(suffixes)]}"
+        written.append(write_csv(folder / name, iter(take)))
     return written

@@ -32,6 +32,7 @@ import polars as pl
 import psycopg
 
 from library import db, ledger
+from library.contract import REQUIRED_COLUMNS
 from library.faults import failpoint
 from library.models import (
     LINE_COLUMN,
@@ -45,21 +46,7 @@ from library.models import (
 
 log = logging.getLogger(__name__)
 
-TRANSACTION_COLUMNS = (
-    "transaction_id",
-    "event_time",
-    "account_id",
-    "merchant_id",
-    "merchant_category",
-    "amount",
-    "currency",
-    "country",
-    "channel",
-    "card_present",
-    "source_uri",
-    "source_version",
-    "source_line",
-)
+TRANSACTION_COLUMNS = (*REQUIRED_COLUMNS, "source_uri", "source_version", "source_line")
 OUTCOME_COLUMNS = (
     "model_version",
     "fraud_score",

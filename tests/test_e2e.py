@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3_SECRET, Bucket, Database, run_cli
+from tests.conftest import S3_SECRET, Bucket, Database, run_cli, with_database
 from tests.helpers.data import HEADER, gz, row, rows, to_csv, zst
 from tests.helpers.fake_model import FakeModel
 
@@ -299,7 +299,9 @@ def test_secrets_never_appear_in_output(
     denied = run({**cli_env, "DATABASE_URL": url}, "--source", "s3://no-such-bucket-0/in/")
     assert denied.code == 1 and "NoSuchBucket" in denied.stderr
     down = run(
-        {**cli_env, "DATABASE_URL": url.replace("/bp_test", "/nope")}, "--source", bucket.uri("in/")
+        {**cli_env, "DATABASE_URL": with_database(url, "no_such_database")},
+        "--source",
+        bucket.uri("in/"),
     )
     assert down.code == 1 and "cannot connect to the database" in down.stderr
     for result in (ok, denied, down):

@@ -8,13 +8,11 @@ import random
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
-from tests.conftest import CLI, ROOT, Bucket, Database, Result, run_cli, with_database
+from tests.conftest import CLI, ROOT, Bucket, Database, Result, run_cli, scratch_database
 from tests.helpers.data import gz, row, rows, to_csv, zst
 from tests.helpers.fake_model import FakeModel
 
@@ -69,12 +67,9 @@ def env(cli_env: dict[str, str], fake_model: FakeModel, bucket: Bucket) -> dict[
 
 @pytest.fixture
 def second_db(pg_admin_url: str, template_db: str) -> Iterator[str]:
-    name = f"bp_clean_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    yield with_database(pg_admin_url, name)
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A second migrated database, for the clean run to compare with."""
+    with scratch_database(pg_admin_url, template_db) as url:
+        yield url
 
 
 @pytest.fixture
