@@ -245,3 +245,38 @@ def test_credentials_in_the_url_are_sent_as_basic_auth(fake_model: FakeModel) ->
     assert "p%40ss" not in c.display_url and "p@ss" not in c.url
     c.score(batch(1))
     assert seen == ["Basic c3ZjOnBAc3M="]  # base64("svc:p@ss")
+
+
+def test_a_row_that_makes_the_model_fail_with_500_fails_alone(fake_model: FakeModel) -> None:
+    """MLServer's scikit-learn runtime answers 500 for a row it cannot score."""
+    c = client(fake_model.url, retries=2)
+    c.score(batch(1, start=700))
+    fake_model.knobs.poison_ids, fake_model.knobs.poison_status = {"tx-000006"}, 500
+    result = c.score(batch(40))
+    assert len(result.predictions) == 39
+    [failure] = result.failures
+    assert failure.transaction_id == "tx-000006" and failure.http_status == 500
+    assert (
+        result.requests < 3 + 2 * 6 + 1
+    )  # the retries of the whole batch, then one request per split
+
+
+def test_a_500_for_a_single_worker_is_not_taken_for_an_outage(fake_model: FakeModel) -> None:
+    c = client(fake_model.url, retries=1, down_timeout=60)
+    fake_model.knobs.poison_ids, fake_model.knobs.poison_status = {"tx-000001"}, 500
+    began = time.monotonic()
+    result = c.score(batch(4))
+    assert [f.transaction_id for f in result.failures] == ["tx-000001"]
+    assert time.monotonic() - began < 10  # not probing until API_DOWN_TIMEOUT
+
+
+def test_mlserver_model_not_ready_is_transient(fake_model: FakeModel) -> None:
+    from urllib3 import HTTPHeaderDict
+
+    from library.errors import TransientApiError
+    from library.score.client import classify_response
+
+    error = classify_response(
+        400, b'{"error":"Model fraud is not ready yet."}', HTTPHeaderDict(), "u"
+    )
+    assert isinstance(error, TransientApiError)

@@ -11,7 +11,12 @@ attempts made. What it does, in order:
   jitter, `Retry-After` honoured, at most API_MAX_RETRIES retries.
 * 400, 413 and 422 mean the service refused something in the request: not
   retried; the batch is split in halves, recursively, so that every good
-  transaction is still scored and only the rejected ones fail.
+  transaction is still scored and only the rejected ones fail. (MLServer's 400
+  "model is not ready yet" is transient.)
+* A 500 that outlasts the retries while the service answers is the model
+  failing on something in the batch (MLServer's scikit-learn runtime answers 500
+  for a row it cannot score): the batch is split the same way, the halves
+  without retries, so that only that row fails.
 * Other 4xx (401, 403, 404, ...) would refuse every request alike: the run
   stops with `ApiUnavailableError` instead of failing every row.
 * An outage is not a reason to fail rows: a batch that has used its retries
@@ -90,6 +95,9 @@ def classify_response(
     status: int, body: bytes, headers: urllib3.HTTPHeaderDict, url: str
 ) -> ApiError:
     snippet = body[:MAX_BODY_IN_REASON].decode("utf-8", "replace").strip()
+    if status == 400 and b"is not ready yet" in body:
+        # MLServer answers 400 "Model X is not ready yet" while a model (re)loads.
+        return TransientApiError(f"HTTP {status} {snippet}".rstrip(), status)
     if status in TRANSIENT_STATUSES:
         retry_after = (
             retry_after_seconds(headers.get("Retry-After")) if status in (429, 503) else None
@@ -216,13 +224,13 @@ class ScoringClient:
         self._score_into(batch, result)
         return result
 
-    def _score_into(self, batch: pl.DataFrame, result: ScoreResult) -> None:
+    def _score_into(self, batch: pl.DataFrame, result: ScoreResult, retry: bool = True) -> None:
         ids = batch.get_column("transaction_id").to_list()
         attempts = 0
         try:
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(TransientApiError),
-                stop=self._give_up,
+                stop=self._give_up if retry else tenacity.stop_after_attempt(1),
                 wait=self._wait,
                 sleep=self._sleep,
                 before_sleep=self._log_retry,
@@ -243,11 +251,16 @@ class ScoringClient:
                 result.failures.append(Failure(ids[0], str(exc), exc.status, attempts))
                 return
             middle = len(ids) // 2
-            self._score_into(batch.slice(0, middle), result)
-            self._score_into(batch.slice(middle), result)
+            self._score_into(batch.slice(0, middle), result, retry)
+            self._score_into(batch.slice(middle), result, retry)
         except TransientApiError as exc:
             if self._stop.is_set():
                 raise ScoringStopped(self._stop_reason or str(exc)) from None
+            if exc.status == 500 and len(ids) > 1:
+                middle = len(ids) // 2
+                self._score_into(batch.slice(0, middle), result, retry=False)
+                self._score_into(batch.slice(middle), result, retry=False)
+                return
             reason = f"ML API failed after {attempts} attempts: {exc}"
             result.failures.extend(Failure(tid, reason, exc.status, attempts) for tid in ids)
 
@@ -321,8 +334,8 @@ class ScoringClient:
         if state.attempt_number < self.max_retries + 1:
             return False
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, MalformedResponse):
-            return True  # the service answers: these rows fail, the run goes on
+        if isinstance(exc, MalformedResponse) or (isinstance(exc, ApiError) and exc.status == 500):
+            return True  # the service answers, but not for this batch: not an outage
         # During an outage keep probing (the breaker ends it); otherwise this batch fails.
         return not self._in_outage_since(state.start_time)
 
