@@ -141,11 +141,11 @@ def dry_run(svc: Services, source_uri: str, rows: int) -> Measure:
     return Measure(rows, run_seconds(output), rss, output=output, wall_seconds=seconds)
 
 
-def stage(svc: Services, name: str, source_uri: str) -> Measure:
+def stage(svc: Services, name: str, source_uri: str, **env: str) -> Measure:
     database = svc.fresh_database()
     try:
         _, rss, code, output = timed_process(
-            [PYTHON, "-m", "bench.stages", name], svc.env(database, SOURCE_URI=source_uri)
+            [PYTHON, "-m", "bench.stages", name], svc.env(database, SOURCE_URI=source_uri, **env)
         )
     finally:
         svc.drop_database(database)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(WORKDIR / "results" / "latest.json"))
     parser.add_argument(
         "--only",
-        default="stages,scale,latency,adaptive,observability",
+        default="stages,scale,latency,adaptive,observability,protocols",
         help="which measures to take, comma-separated",
     )
     args = parser.parse_args(argv)
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             measure_adaptive(svc, args, results)
         if "observability" in only:
             measure_observability(svc, main_uri, args, results)
+        if "protocols" in only:
+            measure_protocols(svc, args, results)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
@@ -382,6 +384,69 @@ def measure_observability(
     }
 
 
+PROTOCOL_ROWS = 100_000
+
+
+def measure_protocols(svc: Services, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Each protocol against its real server: rows per second end to end, and the
+    client's CPU per 1000 rows in the scoring stage alone."""
+    from bench.services import free_port
+    from tools.model_servers.servers import (
+        ensure_venvs,
+        mlflow_server,
+        mlserver_server,
+        train_models,
+    )
+
+    rows = min(PROTOCOL_ROWS, args.rows)
+    uri = upload(svc, dataset(rows, 4, seed=13), f"protocols{rows}")
+    log("building the model servers' venvs and training the model (first time: ~1 minute)")
+    ensure_venvs()
+    for folder in ("mlflow", "mlserver"):
+        (WORKDIR / folder).mkdir(parents=True, exist_ok=True)
+    trained = train_models(WORKDIR / "model")
+    servers = {
+        "mlflow": (
+            mlflow_server(trained.mlflow_model, free_port(), WORKDIR / "mlflow"),
+            {"ML_API_PROTOCOL": "mlflow", "MODEL_VERSION": trained.model_version},
+        ),
+        "v2": (
+            mlserver_server(
+                trained.mlserver_repository,
+                trained.model_name,
+                free_port(),
+                free_port(),
+                WORKDIR / "mlserver",
+            ),
+            {"ML_API_PROTOCOL": "v2", "MODEL_NAME": trained.model_name},
+        ),
+    }
+    table: dict[str, Any] = {}
+
+    def measure(name: str, url: str, env: dict[str, str]) -> None:
+        e2e = end_to_end(svc, uri, rows, ML_API_URL=url, **env)
+        alone = stage(svc, "score", uri, ML_API_URL=url, **env)
+        cpu_per_1000 = 1000 * (alone.cpu_seconds or 0) / alone.rows * 1000
+        log(
+            f"protocol {name}: {e2e.rate:,.0f} rows/s end to end, client CPU {cpu_per_1000:.1f} ms/1000 rows"
+        )
+        table[name] = {
+            "rows_per_second": round(e2e.rate),
+            "scoring_alone_rows_per_second": round(alone.rate),
+            "client_cpu_ms_per_1000_rows": round(cpu_per_1000, 2),
+            "limited_by": summary_value(e2e.output, "limited by"),
+        }
+
+    measure("native", svc.model_url, {"ML_API_PROTOCOL": "native"})
+    for name, (server, env) in servers.items():
+        server.start()
+        try:
+            measure(name, server.url, env)
+        finally:
+            server.stop()
+    results["protocols"] = {"rows": rows, "cases": table, "model_auc": trained.auc}
+
+
 # -- the table -------------------------------------------------------------------
 
 
@@ -428,6 +493,16 @@ def render(r: dict[str, Any]) -> str:
         lines.append(
             f"  adaptive / fixed at capacity: {a['adaptive_over_fixed_at_capacity']} (target >= 0.8)"
         )
+    if "protocols" in r:
+        p = r["protocols"]
+        lines.append(
+            f"protocols ({p['rows']:,} rows, each against its real server; model AUC {p['model_auc']}):"
+        )
+        for name, t in p["cases"].items():
+            lines.append(
+                f"  {name:<7} {t['rows_per_second']:>8,} rows/s end to end, scoring alone {t['scoring_alone_rows_per_second']:>8,}"
+                f" rows/s, client CPU {t['client_cpu_ms_per_1000_rows']} ms / 1000 rows"
+            )
     if "observability" in r:
         o = r["observability"]
         lines.append(

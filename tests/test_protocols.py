@@ -29,7 +29,8 @@ from library.score.codecs_v2 import V2Codec
 from library.validate import validate_chunk
 from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli
 from tests.helpers.data import row, rows, to_csv
-from tests.helpers.real_servers import (
+from tests.test_validate import as_frame
+from tools.model_servers.servers import (
     ModelServer,
     TrainedModels,
     ensure_venvs,
@@ -37,7 +38,6 @@ from tests.helpers.real_servers import (
     mlserver_server,
     train_models,
 )
-from tests.test_validate import as_frame
 
 MLFLOW_VERSION = "fraud-mlflow-7"  # MLflow answers carry no version: MODEL_VERSION is stored
 SERVER_TIMEOUT = pytest.mark.timeout(900)  # the first session builds the venvs (~2 min)

@@ -1,4 +1,4 @@
-"""Real model servers for the protocol tests: MLflow's and MLServer's, on loopback.
+"""Real model servers for the protocol tests and the benchmark: MLflow's and MLServer's, on loopback.
 
 * `ensure_venvs()` builds `.model-servers/{mlflow,mlserver}` with
   tools/model_servers/build.py (about two minutes the first time, a no-op after).
@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # tools/model_servers/servers.py -> the repository
 TOOLS = ROOT / "tools" / "model_servers"
 VENVS = ROOT / ".model-servers"
 READY_TIMEOUT = 60.0
