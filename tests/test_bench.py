@@ -44,7 +44,7 @@ def test_the_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
     for name in ("end_to_end", "read_validate", "score", "write"):
         assert stages[name]["rows_per_second"] > 0, name
     assert stages["slowest_stage"] in ("read_validate", "score", "write")
-    assert 0 < stages["efficiency"] and stages["peak_rss_mb"] > 0
+    assert stages["efficiency"] > 0 and stages["peak_rss_mb"] > 0
     assert figures["scale"][0]["rows"] == 2000
     assert set(figures["adaptive"]["cases"]) == {
         "fixed_at_capacity_4",
