@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -297,14 +298,21 @@ def measure_scale(svc: Services, args: argparse.Namespace, results: dict[str, An
 
 
 def measure_latency(svc: Services, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Against a model that adds 20 ms to every request: the rate next to the ceiling
+    workers x API_BATCH_SIZE / latency, or the machine's own end-to-end limit (the
+    rate without latency) when that is lower: "up to the CPU limit"."""
     rows = min(LATENCY_ROWS, args.rows)
+    cpu_limit = results.get("stages", {}).get("end_to_end", {}).get("rows_per_second")
     uri = upload(svc, dataset(rows, 4, seed=11), f"latency{rows}")
     table = []
     with model_server(latency_ms=LATENCY_MS) as slow:
         for workers in (5, 20):
             m = end_to_end(svc, uri, rows, ML_API_URL=slow, API_MAX_WORKERS=str(workers))
             ceiling = workers * DEFAULT_API_BATCH_SIZE / (LATENCY_MS / 1000)
-            valid_rate = m.rate * 0.99  # about 1% of rows are invalid and never sent
+            reachable = min(ceiling, cpu_limit) if cpu_limit else ceiling
+            # Against the ceiling, count only the valid rows (about 99%: the invalid
+            # ones are never sent); the CPU limit was measured on the same kind of input.
+            scored_rate = m.rate * 0.99 if reachable == ceiling else m.rate
             log(
                 f"latency {LATENCY_MS:g} ms, {workers} workers: {m.rate:,.0f} rows/s (ceiling {ceiling:,.0f})"
             )
@@ -313,7 +321,8 @@ def measure_latency(svc: Services, args: argparse.Namespace, results: dict[str, 
                     "workers": workers,
                     "rows_per_second": round(m.rate),
                     "ceiling_rows_per_second": round(ceiling),
-                    "fraction_of_ceiling": round(valid_rate / ceiling, 3),
+                    "reachable_rows_per_second": round(reachable),
+                    "fraction_of_reachable": round(scored_rate / reachable, 3),
                     "concurrency": summary_value(m.output, "concurrency"),
                 }
             )
@@ -361,6 +370,8 @@ def measure_adaptive(svc: Services, args: argparse.Namespace, results: dict[str,
 def measure_observability(
     svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]
 ) -> None:
+    """Off and on in alternation, so that the machine's drift during the measure falls
+    on both sides alike; the cost is from the medians."""
     textfile = WORKDIR / "metrics.prom"
     on_env = {
         "PROGRESS": "log",
@@ -368,23 +379,28 @@ def measure_observability(
         "LOG_FORMAT": "json",
         "METRICS_TEXTFILE": str(textfile),
     }
-    off, off_runs = median(
-        lambda: end_to_end(svc, uri, args.rows), args.repeat, "observability off"
-    )
-    on, on_runs = median(
-        lambda: end_to_end(svc, uri, args.rows, **on_env), args.repeat, "observability on"
-    )
+    pairs = max(args.repeat, OBSERVABILITY_PAIRS) if args.repeat > 1 else 1
+    off_runs: list[float] = []
+    on_runs: list[float] = []
+    for i in range(pairs):
+        off_runs.append(end_to_end(svc, uri, args.rows).rate)
+        on_runs.append(end_to_end(svc, uri, args.rows, **on_env).rate)
+        log(
+            f"observability pair {i + 1}/{pairs}: off {off_runs[-1]:,.0f}, on {on_runs[-1]:,.0f} rows/s"
+        )
+    off, on = statistics.median(off_runs), statistics.median(on_runs)
     results["observability"] = {
-        "off_rows_per_second": round(off.rate),
-        "on_rows_per_second": round(on.rate),
-        "off_runs": off_runs,
-        "on_runs": on_runs,
-        "cost": round(1 - on.rate / off.rate, 4),
+        "off_rows_per_second": round(off),
+        "on_rows_per_second": round(on),
+        "off_runs": [round(r) for r in off_runs],
+        "on_runs": [round(r) for r in on_runs],
+        "cost": round(1 - on / off, 4),
         "on": "PROGRESS=log every 1 s, LOG_FORMAT=json, METRICS_TEXTFILE",
     }
 
 
 PROTOCOL_ROWS = 100_000
+OBSERVABILITY_PAIRS = 5  # the difference is small: more runs than the other measures
 
 
 def measure_protocols(svc: Services, args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -479,9 +495,14 @@ def render(r: dict[str, Any]) -> str:
     if "latency_20ms" in r:
         lines.append("model latency 20 ms:")
         for t in r["latency_20ms"]:
+            bound = (
+                "ceiling"
+                if t["reachable_rows_per_second"] == t["ceiling_rows_per_second"]
+                else f"CPU limit {t['reachable_rows_per_second']:,}"
+            )
             lines.append(
-                f"  {t['workers']:>2} workers  {t['rows_per_second']:>8,} rows/s of ceiling {t['ceiling_rows_per_second']:,}"
-                f" ({t['fraction_of_ceiling']:.0%} of valid rows; target >= 80%)  {t['concurrency']}"
+                f"  {t['workers']:>2} workers  {t['rows_per_second']:>8,} rows/s; ceiling {t['ceiling_rows_per_second']:,}:"
+                f" {t['fraction_of_reachable']:.0%} of the {bound} (target >= 80%)  {t['concurrency']}"
             )
     if "adaptive" in r:
         a = r["adaptive"]
