@@ -307,7 +307,13 @@ def measure_latency(svc: Services, args: argparse.Namespace, results: dict[str, 
     table = []
     with model_server(latency_ms=LATENCY_MS) as slow:
         for workers in (5, 20):
-            m = end_to_end(svc, uri, rows, ML_API_URL=slow, API_MAX_WORKERS=str(workers))
+            m, _ = median(
+                lambda w=workers: end_to_end(
+                    svc, uri, rows, ML_API_URL=slow, API_MAX_WORKERS=str(w)
+                ),
+                args.repeat,
+                f"latency {LATENCY_MS:g} ms, {workers} workers",
+            )
             ceiling = workers * DEFAULT_API_BATCH_SIZE / (LATENCY_MS / 1000)
             reachable = min(ceiling, cpu_limit) if cpu_limit else ceiling
             # Against the ceiling, count only the valid rows (about 99%: the invalid
