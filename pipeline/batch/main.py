@@ -318,10 +318,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print_summary(report)
     if report.status not in ("completed", "completed_with_errors"):
         return report.exit_code
+    # Started by `python3 -m uv run` (uv sets UV): batch-pipeline is not on the PATH.
+    command = "python3 -m uv run batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
     print(
         f"\nThe sample has about 1% invalid rows and 1% duplicates on purpose: see invalid_rows.\n"
         f"Look at the predictions:\n\n"
-        f'  batch-pipeline query "{LOOK_QUERY}"\n'
+        f'  {command} query "{LOOK_QUERY}"\n'
     )
     return 0
 
