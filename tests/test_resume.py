@@ -148,13 +148,8 @@ def test_killed_at_a_random_moment_then_resumed(
     assert database.rows(TOTALS)[0] == totals
 
 
-def test_sigterm_flushes_what_was_scored_exits_143_and_resumes(
-    env: dict[str, str],
-    database: Database,
-    fake_model: FakeModel,
-    clean: tuple[dict[str, object], tuple[object, ...]],
-) -> None:
-    fake_model.knobs.delay_seconds = 0.05
+def started_and_flushed(env: dict[str, str], database: Database) -> subprocess.Popen[str]:
+    """A run in the background, once its first flush is committed."""
     proc = subprocess.Popen(
         [*CLI, "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -162,6 +157,17 @@ def test_sigterm_flushes_what_was_scored_exits_143_and_resumes(
     while database.value("SELECT count(*) FROM transactions") == 0:
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
+    return proc
+
+
+def test_sigterm_flushes_what_was_scored_exits_143_and_resumes(
+    env: dict[str, str],
+    database: Database,
+    fake_model: FakeModel,
+    clean: tuple[dict[str, object], tuple[object, ...]],
+) -> None:
+    fake_model.knobs.delay_seconds = 0.05
+    proc = started_and_flushed(env, database)
     proc.send_signal(signal.SIGTERM)
     _stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
@@ -182,13 +188,7 @@ def test_sigterm_flushes_what_was_scored_exits_143_and_resumes(
 
 def test_sigint_exits_130(env: dict[str, str], database: Database, fake_model: FakeModel) -> None:
     fake_model.knobs.delay_seconds = 0.05
-    proc = subprocess.Popen(
-        [*CLI, "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + 60
-    while database.value("SELECT count(*) FROM transactions") == 0:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    proc = started_and_flushed(env, database)
     os.kill(proc.pid, signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130

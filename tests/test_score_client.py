@@ -206,7 +206,8 @@ def test_the_breaker_opens_after_api_down_timeout_naming_url_and_status(
         c.score(batch(1, start=400))
 
 
-def test_a_bearer_token_is_sent(fake_model: FakeModel) -> None:
+def authorization_seen(fake_model: FakeModel) -> list[str | None]:
+    """The Authorization header of every request the fake model receives."""
     seen: list[str | None] = []
     original = fake_model.handle
 
@@ -215,6 +216,11 @@ def test_a_bearer_token_is_sent(fake_model: FakeModel) -> None:
         original(handler, body)  # type: ignore[arg-type]
 
     fake_model.handle = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_bearer_token_is_sent(fake_model: FakeModel) -> None:
+    seen = authorization_seen(fake_model)
     c = ScoringClient(
         fake_model.url,
         NativeCodec(),
@@ -230,14 +236,7 @@ def test_a_bearer_token_is_sent(fake_model: FakeModel) -> None:
 
 
 def test_credentials_in_the_url_are_sent_as_basic_auth(fake_model: FakeModel) -> None:
-    seen: list[str | None] = []
-    original = fake_model.handle
-
-    def spy(handler: object, body: bytes) -> None:
-        seen.append(handler.headers.get("Authorization"))  # type: ignore[attr-defined]
-        original(handler, body)  # type: ignore[arg-type]
-
-    fake_model.handle = spy  # type: ignore[method-assign]
+    seen = authorization_seen(fake_model)
     url = fake_model.url.replace("http://", "http://svc:p%40ss@")
     c = ScoringClient(
         url, NativeCodec(), timeout=5, max_retries=0, backoff=0, backoff_max=0, pool_size=1
