@@ -412,12 +412,7 @@ def test_servers_answer_the_planted_pattern_alike(
     for kind, srv in real_servers.items():
         srv.ensure_running()
         codec = codec_for(srv, trained)
-        response = http.request(
-            "POST",
-            srv.url + codec.predict_path,
-            body=codec.encode(codec.prepare(frame)),
-            headers={"Content-Type": "application/json"},
-        )
+        response = post_batch(http, srv, codec, frame)
         assert response.status == 200, response.data[:300]
         got = codec.decode(response.data, ["tx-000001", "tx-000002", "tx-000003"])
         scores[kind] = [p.fraud_score for p in got]
@@ -429,6 +424,18 @@ def test_servers_answer_the_planted_pattern_alike(
     assert card_absent > safe * 1.5  # the boolean reached the model as a boolean
 
 
+def post_batch(
+    http: urllib3.PoolManager, srv: ModelServer, codec: Any, frame: pl.DataFrame
+) -> urllib3.BaseHTTPResponse:
+    """One request, by hand: the codec's body, the server's answer as it comes."""
+    return http.request(
+        "POST",
+        srv.url + codec.predict_path,
+        body=codec.encode(codec.prepare(frame)),
+        headers={"Content-Type": "application/json"},
+    )
+
+
 @SERVER_TIMEOUT
 def test_each_server_refuses_a_poison_transaction_with_its_own_400(
     real_servers: dict[str, ModelServer], trained: TrainedModels
@@ -438,12 +445,7 @@ def test_each_server_refuses_a_poison_transaction_with_its_own_400(
     for srv in real_servers.values():
         srv.ensure_running()
         codec = codec_for(srv, trained)
-        response = http.request(
-            "POST",
-            srv.url + codec.predict_path,
-            body=codec.encode(codec.prepare(frame)),
-            headers={"Content-Type": "application/json"},
-        )
+        response = post_batch(http, srv, codec, frame)
         assert response.status == 400, (srv.kind, response.status, response.data[:300])
         error = orjson.loads(response.data)
         text = error.get("error") or error.get("message")
