@@ -19,14 +19,19 @@ attempts made. What it does, in order:
   without retries, so that only that row fails.
 * Other 4xx (401, 403, 404, ...) would refuse every request alike: the run
   stops with `ApiUnavailableError` instead of failing every row.
-* An outage is not a reason to fail rows: a batch that has used its retries
-  while no request at all has succeeded since it started keeps probing, at the
-  longest backoff, until the service answers again. Once every request has
-  failed for API_DOWN_TIMEOUT seconds, the breaker opens: all workers stop and
-  the run ends failed (exit 1), its unscored rows unwritten so that the next
-  run reads them again. A batch that fails while the service answers others is
+* An outage is not a reason to fail rows: a failure counts against
+  API_MAX_RETRIES only when it says something about the batch (a 500, a
+  malformed answer) or when other requests succeeded meanwhile. While every
+  request fails (connection refused, timeouts, 502/503/504) batches wait and
+  probe every few seconds, so a model restarting costs no failed row. Once
+  every request has failed for API_DOWN_TIMEOUT seconds, the breaker opens: all
+  workers stop and the run ends failed (exit 1), its unscored rows unwritten so
+  that the next run reads them again. A batch that fails while the service answers others is
   different: its transactions become failed rows that `retry-failed` can score
   later.
+
+`API_TIMEOUT` bounds each request as a whole, the answer's body included
+(`deadline.py`): a server that trickles its answer cannot hang the job.
 
 Every third-party exception (urllib3, sockets) is classified here, once.
 """
@@ -34,6 +39,7 @@ Every third-party exception (urllib3, sockets) is classified here, once.
 from __future__ import annotations
 
 import email.utils
+import http.client
 import logging
 import threading
 import time
@@ -58,12 +64,57 @@ from library.errors import (
 from library.models import Failure, Prediction, ScoreResult
 from library.score.codec import Codec, MalformedResponse
 from library.score.concurrency import Limiter, Outcome
+from library.score.deadline import Watchdog, pool_manager
 
 log = logging.getLogger(__name__)
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 REJECTED_STATUSES = frozenset({400, 413, 422})
 MAX_BODY_IN_REASON = 300
+# What one HTTP exchange can raise besides an answer: the transport's errors, classified
+# as transient by `describe_transport_error` (tests/test_errors.py checks the list).
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    OSError,
+)
+HEALTH_TIMEOUT_SECONDS = 10.0  # one GET of the health endpoint, the whole answer
+OUTAGE_PROBE_MAX_SECONDS = 5.0  # longest wait between two probes of a service that is down
+
+
+class _Attempts:
+    """One batch's attempts, and how many of them count against API_MAX_RETRIES.
+
+    A failure counts when it says something about this batch: a 500 or a malformed
+    answer (the service answered, but not for this batch), or any failure while
+    other requests succeeded in the meantime. A connection error, a timeout or a
+    502/503/504 while every request fails is an outage, not this batch's fault: it
+    does not count, and the batch waits (the API_DOWN_TIMEOUT breaker bounds it)."""
+
+    def __init__(self) -> None:
+        self.charged = 0
+        self.started: float | None = None  # when the latest attempt began
+        self.settled = True  # whether the latest attempt's failure is counted yet
+
+    def begin(self, now: float, last_success: float | None) -> None:
+        if not self.settled and self._answered_since(last_success):
+            self.charged += 1
+        self.started = now
+        self.settled = False
+
+    def failed(self, exc: BaseException | None, last_success: float | None) -> None:
+        if self.settled:
+            return
+        if _says_something_about_the_batch(exc) or self._answered_since(last_success):
+            self.charged += 1
+            self.settled = True
+
+    def _answered_since(self, last_success: float | None) -> bool:
+        return last_success is not None and self.started is not None and last_success > self.started
+
+
+def _says_something_about_the_batch(exc: BaseException | None) -> bool:
+    return isinstance(exc, MalformedResponse) or (isinstance(exc, ApiError) and exc.status == 500)
 
 
 class ScoringStopped(PipelineError):
@@ -172,7 +223,10 @@ class ScoringClient:
             headers["Authorization"] = f"Bearer {token}"
         elif basic_auth:
             headers.update(urllib3.make_headers(basic_auth=basic_auth))
-        self._pool = urllib3.PoolManager(
+        self.timeout = timeout
+        self._watchdog = Watchdog()
+        self._pool = pool_manager(
+            self._watchdog,
             num_pools=2,
             maxsize=pool_size,
             block=True,  # never more connections than workers
@@ -192,17 +246,22 @@ class ScoringClient:
 
     def close(self) -> None:
         self._pool.clear()
+        self._watchdog.close()
 
     def check_ready(self) -> None:
         """GET the health endpoint once; raise ApiUnavailableError unless it answers 2xx."""
         url = self.base_url + self.codec.health_path
-        try:
-            response = self._pool.request("GET", url, timeout=urllib3.Timeout(total=10))
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ApiUnavailableError(
-                f"cannot reach the ML API at {redact_url(url)}: {describe_transport_error(exc)}; "
-                "check ML_API_URL and that the service is running"
-            ) from None
+        with self._watchdog.bound(HEALTH_TIMEOUT_SECONDS) as bound:
+            try:
+                response = self._pool.request(
+                    "GET", url, timeout=urllib3.Timeout(total=HEALTH_TIMEOUT_SECONDS)
+                )
+            except TRANSPORT_ERRORS as exc:
+                problem = "timed out" if bound.expired else describe_transport_error(exc)
+                raise ApiUnavailableError(
+                    f"cannot reach the ML API at {redact_url(url)}: {problem}; "
+                    "check ML_API_URL and that the service is running"
+                ) from None
         if not 200 <= response.status < 300:
             raise ApiUnavailableError(
                 f"the ML API at {redact_url(url)} is not ready: HTTP {response.status}"
@@ -227,10 +286,15 @@ class ScoringClient:
     def _score_into(self, batch: pl.DataFrame, result: ScoreResult, retry: bool = True) -> None:
         ids = batch.get_column("transaction_id").to_list()
         attempts = 0
+        tally = _Attempts()
+
+        def give_up(state: tenacity.RetryCallState) -> bool:
+            return self._give_up(state, tally)
+
         try:
             for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(TransientApiError),
-                stop=self._give_up if retry else tenacity.stop_after_attempt(1),
+                stop=give_up if retry else tenacity.stop_after_attempt(1),
                 wait=self._wait,
                 sleep=self._sleep,
                 before_sleep=self._log_retry,
@@ -238,6 +302,7 @@ class ScoringClient:
             ):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
+                    tally.begin(self._clock(), self._last_success_time())
                     if attempts > 1:
                         with self.stats.lock:
                             self.stats.retries += 1
@@ -273,12 +338,18 @@ class ScoringClient:
                 raise ScoringStopped(self._stop_reason or "scoring stopped")
             began = time.perf_counter()
             try:
-                response = self._pool.request("POST", self.url, body=body)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                with self._watchdog.bound(self.timeout) as bound:
+                    response = self._pool.request("POST", self.url, body=body)
+            except TRANSPORT_ERRORS as exc:
                 latency = time.perf_counter() - began
                 self.stats.record("error", latency)
                 report(Outcome.OVERLOAD, latency)
-                transport = TransientApiError(describe_transport_error(exc))
+                problem = (
+                    f"timed out: no whole answer within API_TIMEOUT={self.timeout:g}s"
+                    if bound.expired
+                    else describe_transport_error(exc)
+                )
+                transport = TransientApiError(problem)
                 self._note_failure(transport)
                 raise transport from None
             latency = time.perf_counter() - began
@@ -323,26 +394,29 @@ class ScoringClient:
             self.stop(message)
             raise ApiUnavailableError(message)
 
-    def _in_outage_since(self, started: float) -> bool:
-        """True when no request at all has succeeded since `started`."""
+    def _last_success_time(self) -> float | None:
         with self._lock:
-            return self._last_success is None or self._last_success < started
+            return self._last_success
 
-    def _give_up(self, state: tenacity.RetryCallState) -> bool:
+    def _give_up(self, state: tenacity.RetryCallState, tally: _Attempts) -> bool:
+        """Stop after API_MAX_RETRIES counted failures (see `_Attempts`): an outage
+        is waited out, bounded by the API_DOWN_TIMEOUT breaker."""
         if self._stop.is_set():
             return True
-        if state.attempt_number < self.max_retries + 1:
-            return False
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, MalformedResponse) or (isinstance(exc, ApiError) and exc.status == 500):
-            return True  # the service answers, but not for this batch: not an outage
-        # During an outage keep probing (the breaker ends it); otherwise this batch fails.
-        return not self._in_outage_since(state.start_time)
+        tally.failed(exc, self._last_success_time())
+        return tally.charged > self.max_retries
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
-        if state.attempt_number > self.max_retries:
-            return self._backoff_max  # probing an outage
         exc = state.outcome.exception() if state.outcome else None
+        unreachable = isinstance(exc, ApiError) and exc.status in (None, 502, 504)
+        if unreachable and self._failing_since is not None:
+            # The service cannot be reached at all: probe again soon, so that a service
+            # back from a restart is used within seconds (the breaker ends a real outage).
+            probe = tenacity.wait_random_exponential(
+                multiplier=self._backoff, max=min(self._backoff_max, OUTAGE_PROBE_MAX_SECONDS)
+            )
+            return float(probe(state))
         if isinstance(exc, ApiError) and exc.retry_after is not None:
             return min(exc.retry_after, self._backoff_max)
         multiplier = self._backoff
@@ -368,8 +442,8 @@ class ScoringClient:
         delay = state.next_action.sleep if state.next_action else 0.0
         if state.attempt_number > self.max_retries:
             log.warning(
-                "ML API still failing (attempt %d, no request has succeeded since this batch "
-                "started): %s; probing again in %.1fs (stops after API_DOWN_TIMEOUT=%gs)",
+                "ML API still failing (attempt %d; every request is failing, so this batch "
+                "waits): %s; probing again in %.1fs (stops after API_DOWN_TIMEOUT=%gs)",
                 state.attempt_number,
                 exc,
                 delay,
