@@ -205,6 +205,47 @@ class CountingReader(io.RawIOBase):
         super().close()
 
 
+def read_error(exc: BaseException, uri: str) -> SourceError:
+    """An exception met while reading an object's bytes, as a SourceError naming it.
+
+    botocore and urllib3 errors (after smart-open's own retries), a corrupt gzip or
+    zstd stream, a truncated file: the object cannot be read, the run goes on."""
+    if isinstance(exc, SourceError):
+        return exc
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, BotoCoreError | ClientError):
+        return SourceError(describe_s3_error(exc, uri), uri)
+    kind = type(exc).__name__
+    return SourceError(
+        f"cannot read {uri}: {kind}: {exc}" if str(exc) else f"cannot read {uri}: {kind}", uri
+    )
+
+
+class ClassifyingReader(io.RawIOBase):
+    """Reads through `inner`; any error it raises comes out as a SourceError."""
+
+    def __init__(self, inner: IO[bytes], uri: str) -> None:
+        self._inner = inner
+        self._uri = uri
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._inner.read(len(buffer))
+        except Exception as exc:  # the boundary: classified once, here
+            raise read_error(exc, self._uri) from exc
+        n = len(data)
+        buffer[:n] = data
+        return n
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
 @contextmanager
 def open_text(obj: SourceObject, s3_client: Any | None) -> Iterator[tuple[IO[str], CountingReader]]:
     """The object as text: BOM removed, newlines untouched (the csv module needs them),
@@ -221,7 +262,10 @@ def open_text(obj: SourceObject, s3_client: Any | None) -> Iterator[tuple[IO[str
     buffered = io.BufferedReader(counting, buffer_size=1 << 20)
     suffix = next((s for s in COMPRESSION_SUFFIXES if obj.uri.lower().endswith(s)), None)
     stream = compression_wrapper(buffered, "rb", compression=suffix) if suffix else buffered
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    # The boundary: whatever the transport or the decompressor raises while the
+    # object is read becomes a SourceError naming the object, here and only here.
+    classified = io.BufferedReader(ClassifyingReader(stream, obj.uri), buffer_size=1 << 16)
+    text = io.TextIOWrapper(classified, encoding="utf-8-sig", errors="surrogateescape", newline="")
     try:
         yield text, counting
     finally:

@@ -274,9 +274,9 @@ def read_only(settings: Settings, action: Any) -> Any:
     with database(settings) as (url, _shown):
         conn = db.connect(url, "batch-pipeline report")
         try:
-            db.require_schema(conn)
-            with conn.transaction():
+            with db.classified("reading the ledger"), conn.transaction():
                 conn.execute("SET TRANSACTION READ ONLY")
+                db.require_schema(conn)
                 return action(conn)
         finally:
             conn.close()
@@ -363,7 +363,8 @@ def cmd_migrate(settings: Settings) -> int:
     with database(settings) as (url, shown):
         conn = db.connect(url, "batch-pipeline migrate")
         try:
-            applied = db.migrate(conn)
+            with db.classified("migrating"):
+                applied = db.migrate(conn)
         finally:
             conn.close()
     if applied:
