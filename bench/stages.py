@@ -18,7 +18,7 @@ from datetime import datetime
 
 import orjson
 
-from library import db, source
+from library import source
 from library.batching import plan_units
 from library.config import load_settings
 from library.flow import ScoreAndWrite, StopSignal
@@ -95,18 +95,17 @@ def write() -> dict[str, float]:
     units = load_units(flow)
     results = [local_scores(u) for u in units]
     rows = sum(u.rows for u in units)
-    conn = db.connect(url)
-    ledger = Ledger(conn)
+    ledger = Ledger(url, settings.DB_RETRY_TIMEOUT)
     run_id = ledger.start_run(datetime.now(), settings.SOURCE_URI, {})
-    sink = Sink(url, run_id, settings.DB_ROW_BATCH_SIZE)
+    sink = Sink(url, run_id, settings.DB_ROW_BATCH_SIZE, settings.DB_RETRY_TIMEOUT)
     began, cpu0 = time.perf_counter(), cpu()
     current = None
     for unit, result in zip(units, results, strict=True):
         if unit.obj != current:
             if current is not None:
                 sink.end_object(current)
-            ledger.claim(run_id, unit.obj)
-            sink.begin_object(unit.obj, 1, None)
+            claim = ledger.claim(run_id, unit.obj)
+            sink.begin_object(unit.obj, 1, None, claim.fence)
             current = unit.obj
         sink.add(unit, result)
     if current is not None:
@@ -114,7 +113,7 @@ def write() -> dict[str, float]:
     sink.flush()
     seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu0
     sink.close()
-    conn.close()
+    ledger.close()
     return {
         "rows": rows,
         "seconds": seconds,

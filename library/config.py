@@ -36,6 +36,7 @@ DEFAULT_MAX_FAILED_RATIO = 0.01
 DEFAULT_API_RETRY_BACKOFF = 0.5
 DEFAULT_API_RETRY_BACKOFF_MAX = 30.0
 DEFAULT_DB_FLUSH_INTERVAL = 5.0
+DEFAULT_DB_RETRY_TIMEOUT = 60.0
 DEFAULT_EMBEDDED_DB_DIR = ".batch-pipeline/postgres"
 DEFAULT_FRAUD_THRESHOLD = 0.5
 DEFAULT_API_DOWN_TIMEOUT = 120.0
@@ -162,6 +163,13 @@ class Settings(BaseModel):
         gt=0,
         le=3600,
         description="Seconds after which scored rows are flushed even if DB_ROW_BATCH_SIZE is not reached.",
+    )
+    DB_RETRY_TIMEOUT: float = Field(
+        DEFAULT_DB_RETRY_TIMEOUT,
+        ge=0,
+        le=86_400,
+        description="Seconds a lost database (restart, failover, dropped connection) is waited "
+        "for, with backoff, before the run stops as failed.",
     )
     EMBEDDED_DB_DIR: Path = Field(
         Path(DEFAULT_EMBEDDED_DB_DIR),

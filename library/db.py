@@ -1,8 +1,10 @@
 """The database boundary: connections, error classification, migrations, embedded server.
 
-psycopg errors are classified here, once: a lost connection, a deadlock or a
-serialization failure is transient (the caller retries the whole flush, which
-is one transaction); anything else stops the run.
+psycopg errors are classified here, once (`classify`): a lost connection, a
+deadlock or a serialization failure is transient, and `with_retries` retries the
+whole unit of work (one transaction) with tenacity for up to DB_RETRY_TIMEOUT;
+anything else stops the run. `Supervised` is a connection that comes back after
+a restart, restoring its session state (advisory locks, temporary tables).
 
 Migrations are the Flyway-style files in `sql/` (`V1__create_tables.sql`, ...),
 recorded in Flyway's own `flyway_schema_history` table with Flyway's checksum,
@@ -11,8 +13,10 @@ so `batch-pipeline migrate` and a Flyway container agree on what is applied.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 import time
 import warnings
 import zlib
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
+import tenacity
 from psycopg import errors as pg_errors
 
 from library.config import redact_url
@@ -37,24 +42,55 @@ HISTORY_TABLE = "flyway_schema_history"
 _MIGRATION_NAME = re.compile(r"V(\d+(?:[._]\d+)*)__(.+)\.sql")
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    psycopg.OperationalError,  # connection lost, server shutting down, ...
+    psycopg.OperationalError,  # connection refused or lost, server shutting down, ...
     pg_errors.SerializationFailure,
     pg_errors.DeadlockDetected,
     pg_errors.LockNotAvailable,
     pg_errors.AdminShutdown,
     pg_errors.CannotConnectNow,
 )
+# OperationalErrors that no wait will cure: the credentials or the database name are wrong.
+PERMANENT_CONNECT_ERRORS = ("authentication failed", "does not exist", "no password supplied")
+
+# A fenced flush found that another worker claimed one of its objects (sql/V4).
+CLAIM_LOST_SQLSTATE = "BPF01"
+
+# libpq's TCP keepalives: a peer that vanished (a host powered off, a network cut)
+# is noticed in about a minute instead of the operating system's two hours, so
+# that the advisory locks its backend held are released (FACTS.md).
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms: unacknowledged data for this long breaks the connection
+}
+RETRY_FIRST_DELAY = 0.5  # seconds; doubles with full jitter
+RETRY_MAX_DELAY = 10.0
+
+
+class ClaimLostError(DatabaseError):
+    """A flush was refused: another worker claimed one of its objects since this one did."""
 
 
 def classify(exc: BaseException, doing: str) -> DatabaseError:
-    """A psycopg error as TransientDatabaseError or DatabaseError, with a clear message."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if isinstance(exc, TRANSIENT_ERRORS):
+    """A psycopg error as the error tree says the caller reacts to it.
+
+    Transient (retry the whole unit of work on a new connection): a lost or refused
+    connection, a server shutting down or starting up, a deadlock, a serialization
+    failure. A lost claim has its own class. Anything else stops the run."""
+    detail = first_line(exc)
+    if getattr(exc, "sqlstate", None) == CLAIM_LOST_SQLSTATE:
+        return ClaimLostError(f"{doing}: {detail}")
+    if isinstance(exc, TRANSIENT_ERRORS) and not any(
+        marker in detail for marker in PERMANENT_CONNECT_ERRORS
+    ):
         return TransientDatabaseError(f"database error while {doing}: {detail}")
     return DatabaseError(f"database error while {doing}: {type(exc).__name__}: {detail}")
 
 
 def connect(url: str, application_name: str = "batch-pipeline") -> psycopg.Connection[Any]:
+    """A new autocommit connection with keepalives; raises a classified DatabaseError."""
     try:
         # Autocommit: every unit of work opens its own explicit transaction.
         return psycopg.connect(
@@ -62,9 +98,11 @@ def connect(url: str, application_name: str = "batch-pipeline") -> psycopg.Conne
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
             application_name=application_name,
             autocommit=True,
+            **KEEPALIVES,
         )
     except psycopg.Error as exc:
-        raise DatabaseError(
+        error = classify(exc, "connecting")
+        raise type(error)(
             f"cannot connect to the database at {redact_url(url)}: {first_line(exc)}; "
             "check DATABASE_URL and that PostgreSQL is running"
         ) from None
@@ -75,28 +113,107 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+@contextmanager
+def classified(doing: str) -> Iterator[None]:
+    """Turn any psycopg error raised inside into the error tree's DatabaseError."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise classify(exc, doing) from None
+
+
 def with_retries(
     action: Callable[[], T],
     doing: str,
-    attempts: int = 5,
-    first_delay: float = 0.5,
+    window: float,
     on_retry: Callable[[], None] | None = None,
 ) -> T:
-    """Run `action` (one whole database transaction), retrying transient failures."""
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
+    """Run `action` (one whole database transaction), retrying transient failures
+    with exponential backoff and full jitter for up to `window` seconds
+    (DB_RETRY_TIMEOUT): a restart or a failover shorter than that is ridden out.
+    `on_retry` runs after each transient failure (drop the broken connection)."""
+
+    def attempt() -> T:
+        with classified(doing):
             return action()
-        except psycopg.Error as exc:
-            error = classify(exc, doing)
-            if not isinstance(error, TransientDatabaseError) or attempt == attempts:
-                raise error from None
-            log.warning("%s (attempt %d of %d); retrying in %.1fs", error, attempt, attempts, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-            if on_retry:
-                on_retry()
-    raise AssertionError("unreachable")
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        if on_retry:
+            on_retry()
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s (attempt %d); retrying in %.1fs, for up to DB_RETRY_TIMEOUT=%gs in all",
+            error,
+            state.attempt_number,
+            delay,
+            window,
+        )
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(TransientDatabaseError),
+        stop=tenacity.stop_after_delay(window),
+        wait=tenacity.wait_random_exponential(multiplier=RETRY_FIRST_DELAY, max=RETRY_MAX_DELAY),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(attempt)
+
+
+class Supervised:
+    """One database connection that comes back after a restart or a dropped connection.
+
+    Every use is one unit of work run through `with_retries`: on a transient error
+    the connection is dropped and the unit retried on a new one, after
+    `on_reconnect` has restored the session's state (a temporary table, the
+    advisory locks the session held). Thread-safe: one unit at a time."""
+
+    def __init__(
+        self,
+        url: str,
+        application_name: str,
+        window: float,
+        on_reconnect: Callable[[psycopg.Connection[Any]], object] | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.application_name = application_name
+        self.window = window
+        self.on_reconnect = on_reconnect
+        self.lock = threading.RLock()
+        self._conn = conn
+        self._connected_once = conn is not None
+
+    def run(self, doing: str, action: Callable[[psycopg.Connection[Any]], T]) -> T:
+        with self.lock:
+            return with_retries(
+                lambda: action(self.connection()), doing, self.window, on_retry=self.drop
+            )
+
+    def connection(self) -> psycopg.Connection[Any]:
+        with self.lock:
+            if self._conn is None or self._conn.closed:
+                conn = connect(self.url, self.application_name)
+                if self.on_reconnect:
+                    try:
+                        with classified("restoring the session"):
+                            self.on_reconnect(conn)
+                    except BaseException:
+                        conn.close()
+                        raise
+                self._conn = conn
+                self._connected_once = True
+            return self._conn
+
+    def drop(self) -> None:
+        with self.lock:
+            if self._conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        self.drop()
 
 
 # -- migrations ----------------------------------------------------------------

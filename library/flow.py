@@ -96,6 +96,7 @@ class _Begin:
     obj: SourceObject
     checkpoint_line: int
     prior: Counts | None
+    fence: int
 
 
 @dataclass
@@ -109,6 +110,7 @@ class _End:
     obj: SourceObject
     error: str | None
     release: Callable[[], None]
+    lost: bool = False  # another run claimed the object since: its status is theirs
 
 
 @dataclass
@@ -185,7 +187,7 @@ class Writer(threading.Thread):
                 self.sink.flush()
                 return
             if isinstance(item, _Begin):
-                self.sink.begin_object(item.obj, item.checkpoint_line, item.prior)
+                self.sink.begin_object(item.obj, item.checkpoint_line, item.prior, item.fence)
             elif isinstance(item, _Unit):
                 logs.set_context(item.unit.obj.uri, item.unit.seq, "write")
                 waited = time.perf_counter()
@@ -201,7 +203,10 @@ class Writer(threading.Thread):
                 if self._ratios:
                     check_ratios(self.sink.run.counts, self.settings, final=False)
             elif isinstance(item, _End):
-                self.sink.end_object(item.obj, item.error)
+                if item.lost:
+                    self.sink.forget_object(item.obj)
+                else:
+                    self.sink.end_object(item.obj, item.error)
                 item.release()
                 failpoint("after_object")
             elif isinstance(item, _Skip):
@@ -246,6 +251,7 @@ class ScoreAndWrite:
         stop: StopSignal,
         ratios: bool = True,
         metrics: RunMetrics | None = None,
+        on_claim_lost: Callable[[SourceObject], None] | None = None,
     ) -> None:
         assert settings.ML_API_URL
         self.settings = settings
@@ -269,7 +275,9 @@ class ScoreAndWrite:
             database_url,
             run_id,
             settings.DB_ROW_BATCH_SIZE,
+            settings.DB_RETRY_TIMEOUT,
             on_flush=metrics.observe_flush if metrics else None,
+            on_claim_lost=on_claim_lost,
         )
         if metrics:
             self.client.stats.on_request = metrics.observe_request
@@ -299,8 +307,10 @@ class ScoreAndWrite:
     def next_seq(self) -> int:
         return self._seq
 
-    def begin(self, obj: SourceObject, checkpoint_line: int, prior: Counts | None) -> None:
-        self._put(_Begin(obj, checkpoint_line, prior))
+    def begin(
+        self, obj: SourceObject, checkpoint_line: int, prior: Counts | None, fence: int
+    ) -> None:
+        self._put(_Begin(obj, checkpoint_line, prior, fence))
 
     def submit(self, unit: WorkUnit) -> None:
         self._seq = unit.seq + 1
@@ -321,8 +331,14 @@ class ScoreAndWrite:
                 with self._times_lock:
                     self.times.score += time.perf_counter() - began
 
-    def end(self, obj: SourceObject, error: str | None, release: Callable[[], None]) -> None:
-        self._put(_End(obj, error, release))
+    def end(
+        self,
+        obj: SourceObject,
+        error: str | None,
+        release: Callable[[], None],
+        lost: bool = False,
+    ) -> None:
+        self._put(_End(obj, error, release, lost))
 
     def skip(self) -> None:
         self._put(_Skip())

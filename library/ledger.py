@@ -6,12 +6,22 @@ next run resumes them from there. Two runs never work on the same object at
 once: each object is guarded by a PostgreSQL session advisory lock held by the
 run's ledger connection, released when the object is done or when the
 connection dies with its process.
+
+A lock lost with its connection does not stop the old holder from writing when
+it comes back, so every claim also bumps the object's fence (`claim_fence`,
+sql/V4) and every flush names the fence it claimed with: a flush for an object
+claimed since by another run is refused whole, in its own transaction. The
+ledger's connection is supervised (`db.Supervised`): after a restart or a
+dropped connection it reconnects, takes its locks back, and beats every second
+so that a live run is never taken for a dead one.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -19,12 +29,19 @@ from typing import Any, Literal
 import orjson
 import psycopg
 
+from library import db
+from library.errors import DatabaseError
 from library.models import Counts, SourceObject
 
 log = logging.getLogger(__name__)
 
 RunStatus = Literal["processing", "completed", "completed_with_errors", "failed", "interrupted"]
 ClaimStatus = Literal["new", "resume", "completed", "locked"]
+
+HEARTBEAT_SECONDS = 1.0  # how often a live run says so (and notices a dropped connection)
+# A run whose lock is free is only called abandoned once it has not beaten for this
+# long: a live run whose connection was dropped re-takes its lock within a beat or two.
+ABANDON_GRACE_SECONDS = 5.0
 
 
 def run_id_base(now: datetime) -> str:
@@ -44,6 +61,10 @@ ABANDONED = (
     "run {by} found it and resumes its objects from their checkpoints"
 )
 
+_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))"
+_LOCK = "SELECT pg_advisory_lock(hashtextextended(%s, 0))"
+_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended(%s, 0))"
+
 
 @dataclass
 class Claim:
@@ -51,63 +72,153 @@ class Claim:
     checkpoint_line: int = 1
     prior: Counts | None = None  # counts already stored for this object version
     held_by: str | None = None  # the run holding the lock, when locked
+    fence: int = 0  # the object's claim counter: every flush for it must name it
 
 
 class Ledger:
-    """Run and object bookkeeping on the run's own connection (autocommit)."""
+    """Run and object bookkeeping on the run's own supervised connection (autocommit).
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn = conn  # autocommit: each statement stands alone
+    The connection holds the run's lock and the locks of the objects it works on.
+    When it is lost (a database restart, a terminated backend) the next use, or the
+    heartbeat within a second, reconnects, takes the run's lock again and tries to
+    take each held object's lock again; an object whose lock another run took
+    meanwhile is marked lost (`is_lost`): the reader stops it, and the fence refuses
+    any flush for it anyway.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        retry_window: float,
+        conn: psycopg.Connection[Any] | None = None,
+        application_name: str = "batch-pipeline ledger",
+    ) -> None:
+        self.db = db.Supervised(
+            url, application_name, retry_window, on_reconnect=self._restore, conn=conn
+        )
+        self.run_id: str | None = None
+        self._held: dict[str, SourceObject] = {}  # lock key -> object
+        self._lost: set[tuple[str, str]] = set()
+        self._suspects: dict[str, float] = {}  # run id -> when it was first seen lockless
+        self._beating = threading.Event()
+        self._heart: threading.Thread | None = None
+
+    # -- the connection's session state ----------------------------------------
+
+    def _restore(self, conn: psycopg.Connection[Any]) -> None:
+        """A new connection: take back the run's lock and the held objects' locks."""
+        if self.run_id is None:
+            return
+        conn.execute(
+            "SELECT set_config('application_name', %s, false)", (self._application_name(),)
+        )
+        conn.execute(_LOCK, (run_lock_key(self.run_id),))
+        revived = conn.execute(
+            """UPDATE pipeline_runs SET status = 'processing', error = NULL, finished_at = NULL
+               WHERE run_id = %s AND status = 'failed' AND error LIKE 'abandoned:%%'
+               RETURNING 1""",
+            (self.run_id,),
+        ).fetchone()
+        if revived:
+            log.warning(
+                "Run %s had been marked abandoned while its database connection was down; "
+                "it is alive: marked processing again",
+                self.run_id,
+            )
+        for key, obj in list(self._held.items()):
+            got = conn.execute(_TRY_LOCK, (key,)).fetchone()
+            if not got or not got[0]:
+                del self._held[key]
+                self._lost.add((obj.uri, obj.version))
+                log.warning(
+                    "Lost the lock on %s with the database connection, and another run "
+                    "holds it now: stopping that object here (the other run resumes it "
+                    "from its checkpoint)",
+                    obj.uri,
+                )
+        log.info("Database connection of the ledger restored; locks taken again")
+
+    def _application_name(self) -> str:
+        return f"batch-pipeline {self.run_id} {socket.gethostname()}"[:63]
+
+    def close(self) -> None:
+        self.stop_heartbeat()
+        self.db.close()
+
+    # -- runs ------------------------------------------------------------------
 
     def start_run(self, now: datetime, source_uri: str | None, settings: dict[str, Any]) -> str:
         """Insert the run row; the id is unique even for two runs started in one second.
 
         The run holds an advisory lock on its own id for as long as its connection
         lives, taken in the same transaction as the insert: a run seen as
-        `processing` whose lock is free belongs to a process that is gone.
+        `processing` whose lock is free, and which has not beaten for a while,
+        belongs to a process that is gone.
         """
         base = run_id_base(now)
         for n in range(1, 1000):
             run_id = base if n == 1 else f"{base}_{n}"
-            with self.conn.transaction():
-                row = self.conn.execute(
-                    """INSERT INTO pipeline_runs (run_id, status, source_uri, settings)
-                       VALUES (%s, 'processing', %s, %s)
-                       ON CONFLICT (run_id) DO NOTHING RETURNING run_id""",
-                    (run_id, source_uri, orjson.dumps(settings).decode()),
-                ).fetchone()
-                if row:
-                    self.conn.execute(
-                        "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (run_lock_key(run_id),)
-                    )
-            if row:
-                self.conn.execute(
-                    "SELECT set_config('application_name', %s, false)",
-                    (f"batch-pipeline {run_id} {socket.gethostname()}"[:63],),
+
+            def insert(conn: psycopg.Connection[Any], run_id: str = run_id) -> bool:
+                with conn.transaction():
+                    row = conn.execute(
+                        """INSERT INTO pipeline_runs (run_id, status, source_uri, settings)
+                           VALUES (%s, 'processing', %s, %s)
+                           ON CONFLICT (run_id) DO NOTHING RETURNING run_id""",
+                        (run_id, source_uri, orjson.dumps(settings).decode()),
+                    ).fetchone()
+                    if row:
+                        conn.execute(_LOCK, (run_lock_key(run_id),))
+                return row is not None
+
+            if self.db.run("starting the run", insert):
+                self.run_id = run_id
+                self.db.run(
+                    "naming the session",
+                    lambda conn: conn.execute(
+                        "SELECT set_config('application_name', %s, false)",
+                        (self._application_name(),),
+                    ),
                 )
-                self._close_abandoned(run_id)
+                self.close_abandoned()
                 return run_id
         raise RuntimeError("could not allocate a run id")
 
-    def _close_abandoned(self, run_id: str) -> None:
-        """Mark `processing` runs whose process is gone as failed, saying so."""
-        others = self.conn.execute(
-            "SELECT run_id FROM pipeline_runs WHERE status = 'processing' AND run_id <> %s",
-            (run_id,),
+    def close_abandoned(self, wait: bool = False) -> None:
+        """Mark `processing` runs whose process is gone as failed, saying so.
+
+        Gone means: its lock is free and it has not beaten for ABANDON_GRACE_SECONDS.
+        A run whose lock is free but which beat recently may be a live run whose
+        connection was just dropped: it is looked at again later (by the heartbeat,
+        and at the end of this run, `wait=True`, which waits out the grace)."""
+        assert self.run_id is not None
+        if wait and self._suspects:
+            remaining = ABANDON_GRACE_SECONDS - (time.monotonic() - min(self._suspects.values()))
+            if remaining > 0:
+                time.sleep(remaining)
+        self.db.run("looking for abandoned runs", self._close_abandoned)
+
+    def _close_abandoned(self, conn: psycopg.Connection[Any]) -> None:
+        others = conn.execute(
+            """SELECT run_id, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 FROM pipeline_runs
+               WHERE status = 'processing' AND run_id <> %s""",
+            (self.run_id,),
         ).fetchall()
-        for (other,) in others:
+        still: dict[str, float] = {}
+        for other, silent_for in others:
             key = run_lock_key(other)
-            free = self.conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)
-            ).fetchone()
+            free = conn.execute(_TRY_LOCK, (key,)).fetchone()
             if not free or not free[0]:
                 continue  # alive: another run working right now
             try:
-                self.conn.execute(
+                if silent_for < ABANDON_GRACE_SECONDS:
+                    still[other] = self._suspects.get(other, time.monotonic() - silent_for)
+                    continue
+                conn.execute(
                     """UPDATE pipeline_runs SET status = 'failed', error = %s,
                            finished_at = heartbeat_at
                        WHERE run_id = %s AND status = 'processing'""",
-                    (ABANDONED.format(by=run_id), other),
+                    (ABANDONED.format(by=self.run_id), other),
                 )
                 log.warning(
                     "Run %s was abandoned (its process is gone): marked failed; "
@@ -115,57 +226,15 @@ class Ledger:
                     other,
                 )
             finally:
-                self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
+                conn.execute(_UNLOCK, (key,))
+        self._suspects = still
 
     def set_objects_total(self, run_id: str, total: int) -> None:
-        self.conn.execute(
-            "UPDATE pipeline_runs SET objects_total = %s WHERE run_id = %s", (total, run_id)
-        )
-
-    def claim(self, run_id: str, obj: SourceObject, reprocess: bool = False) -> Claim:
-        """Lock an object for this run and say where to start reading it."""
-        locked = self.conn.execute(
-            "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (object_lock_key(obj),)
-        ).fetchone()
-        if not locked or not locked[0]:
-            holder = self.conn.execute(
-                """SELECT run_id FROM source_objects WHERE source_uri = %s
-                   AND status = 'processing' ORDER BY started_at DESC LIMIT 1""",
-                (obj.uri,),
-            ).fetchone()
-            return Claim("locked", held_by=holder[0] if holder else None)
-        row = self.conn.execute(
-            """SELECT status, checkpoint_line, rows_read, rows_valid, rows_invalid,
-                      rows_scored, rows_failed
-               FROM source_objects WHERE source_uri = %s AND source_version = %s""",
-            (obj.uri, obj.version),
-        ).fetchone()
-        if row is not None and row[0] == "completed" and not reprocess:
-            self.release(obj)
-            return Claim("completed", checkpoint_line=row[1])
-        if row is None or row[0] == "completed":  # new, or reprocessing from the top
-            self.conn.execute(
-                """INSERT INTO source_objects (source_uri, source_version, size_bytes, run_id)
-                   VALUES (%s, %s, %s, %s)
-                   ON CONFLICT (source_uri, source_version) DO UPDATE SET
-                     status = 'processing', run_id = EXCLUDED.run_id, checkpoint_line = 1,
-                     rows_read = 0, rows_valid = 0, rows_invalid = 0, rows_scored = 0,
-                     rows_failed = 0, error = NULL, started_at = now(), finished_at = NULL""",
-                (obj.uri, obj.version, obj.size, run_id),
-            )
-            return Claim("new")
-        self.conn.execute(
-            """UPDATE source_objects SET status = 'processing', run_id = %s, error = NULL,
-                   finished_at = NULL
-               WHERE source_uri = %s AND source_version = %s""",
-            (run_id, obj.uri, obj.version),
-        )
-        prior = Counts(read=row[2], valid=row[3], invalid=row[4], scored=row[5], failed=row[6])
-        return Claim("resume", checkpoint_line=row[1], prior=prior)
-
-    def release(self, obj: SourceObject) -> None:
-        self.conn.execute(
-            "SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (object_lock_key(obj),)
+        self.db.run(
+            "recording the listing",
+            lambda conn: conn.execute(
+                "UPDATE pipeline_runs SET objects_total = %s WHERE run_id = %s", (total, run_id)
+            ),
         )
 
     def finish_run(
@@ -176,18 +245,157 @@ class Ledger:
         summary: dict[str, Any] | None,
         model_version: str | None,
     ) -> None:
-        self.conn.execute(
-            """UPDATE pipeline_runs SET status = %s, finished_at = now(), heartbeat_at = now(),
-                   error = %s, summary = %s, model_version = COALESCE(%s, model_version)
-               WHERE run_id = %s""",
-            (
-                status,
-                error,
-                orjson.dumps(summary).decode() if summary is not None else None,
-                model_version,
-                run_id,
+        self.stop_heartbeat()
+        self.db.run(
+            "recording the end of the run",
+            lambda conn: conn.execute(
+                """UPDATE pipeline_runs SET status = %s, finished_at = now(),
+                       heartbeat_at = now(), error = %s, summary = %s,
+                       model_version = COALESCE(%s, model_version)
+                   WHERE run_id = %s""",
+                (
+                    status,
+                    error,
+                    orjson.dumps(summary).decode() if summary is not None else None,
+                    model_version,
+                    run_id,
+                ),
             ),
         )
+        if self._suspects:
+            try:
+                self.close_abandoned(wait=True)
+            except DatabaseError as exc:
+                log.warning("could not look for abandoned runs: %s", exc)
+
+    # -- the heartbeat ---------------------------------------------------------
+
+    def start_heartbeat(self) -> None:
+        """Beat every HEARTBEAT_SECONDS on the ledger connection: says the run is alive,
+        brings a dropped connection (and its locks) back within a second, and closes
+        runs found lockless at the start once their grace has passed."""
+        if self._heart is not None:
+            return
+        self._beating.set()
+        self._heart = threading.Thread(target=self._beat, name="ledger-heartbeat", daemon=True)
+        self._heart.start()
+
+    def stop_heartbeat(self) -> None:
+        self._beating.clear()
+        if self._heart is not None and self._heart is not threading.current_thread():
+            self._heart.join()
+        self._heart = None
+
+    def _beat(self) -> None:
+        while self._beating.is_set():
+            time.sleep(HEARTBEAT_SECONDS)
+            if not self._beating.is_set():
+                return
+            try:
+                self.db.run(
+                    "beating",
+                    lambda conn: conn.execute(
+                        "UPDATE pipeline_runs SET heartbeat_at = now() WHERE run_id = %s"
+                        " AND status = 'processing'",
+                        (self.run_id,),
+                    ),
+                )
+                if self._suspects and any(
+                    time.monotonic() - seen >= ABANDON_GRACE_SECONDS
+                    for seen in self._suspects.values()
+                ):
+                    self.db.run("looking for abandoned runs", self._close_abandoned)
+            except DatabaseError as exc:
+                # The writer meets the same outage and decides the run's fate.
+                log.debug("heartbeat failed: %s", exc)
+
+    # -- objects ---------------------------------------------------------------
+
+    def claim(self, run_id: str, obj: SourceObject, reprocess: bool = False) -> Claim:
+        """Lock an object for this run, bump its fence, and say where to start reading it."""
+        claim = self.db.run(
+            f"claiming {obj.uri}", lambda conn: self._claim(conn, run_id, obj, reprocess)
+        )
+        if claim.status in ("new", "resume"):
+            self._held[object_lock_key(obj)] = obj
+            self._lost.discard((obj.uri, obj.version))
+        return claim
+
+    def _claim(
+        self, conn: psycopg.Connection[Any], run_id: str, obj: SourceObject, reprocess: bool
+    ) -> Claim:
+        key = object_lock_key(obj)
+        locked = conn.execute(_TRY_LOCK, (key,)).fetchone()
+        if not locked or not locked[0]:
+            holder = conn.execute(
+                """SELECT run_id FROM source_objects WHERE source_uri = %s
+                   AND status = 'processing' ORDER BY started_at DESC LIMIT 1""",
+                (obj.uri,),
+            ).fetchone()
+            return Claim("locked", held_by=holder[0] if holder else None)
+        try:
+            row = conn.execute(
+                """SELECT status, checkpoint_line, rows_read, rows_valid, rows_invalid,
+                          rows_scored, rows_failed
+                   FROM source_objects WHERE source_uri = %s AND source_version = %s""",
+                (obj.uri, obj.version),
+            ).fetchone()
+            if row is not None and row[0] == "completed" and not reprocess:
+                conn.execute(_UNLOCK, (key,))
+                return Claim("completed", checkpoint_line=row[1])
+            if row is None or row[0] == "completed":  # new, or reprocessing from the top
+                fenced = conn.execute(
+                    """INSERT INTO source_objects (source_uri, source_version, size_bytes, run_id,
+                           claim_fence)
+                       VALUES (%s, %s, %s, %s, 1)
+                       ON CONFLICT (source_uri, source_version) DO UPDATE SET
+                         status = 'processing', run_id = EXCLUDED.run_id, checkpoint_line = 1,
+                         rows_read = 0, rows_valid = 0, rows_invalid = 0, rows_scored = 0,
+                         rows_failed = 0, error = NULL, started_at = now(), finished_at = NULL,
+                         claim_fence = source_objects.claim_fence + 1
+                       RETURNING claim_fence""",
+                    (obj.uri, obj.version, obj.size, run_id),
+                ).fetchone()
+                assert fenced is not None
+                return Claim("new", fence=fenced[0])
+            fenced = conn.execute(
+                """UPDATE source_objects SET status = 'processing', run_id = %s, error = NULL,
+                       finished_at = NULL, claim_fence = claim_fence + 1
+                   WHERE source_uri = %s AND source_version = %s
+                   RETURNING claim_fence""",
+                (run_id, obj.uri, obj.version),
+            ).fetchone()
+            assert fenced is not None
+        except BaseException:
+            if not conn.closed:
+                conn.execute(_UNLOCK, (key,))
+            raise
+        prior = Counts(read=row[2], valid=row[3], invalid=row[4], scored=row[5], failed=row[6])
+        return Claim("resume", checkpoint_line=row[1], prior=prior, fence=fenced[0])
+
+    def release(self, obj: SourceObject) -> None:
+        key = object_lock_key(obj)
+        if self._held.pop(key, None) is None:
+            return  # never held, or lost with a connection: nothing to release
+        self.db.run("releasing an object", lambda conn: conn.execute(_UNLOCK, (key,)))
+
+    def mark_lost(self, obj: SourceObject) -> None:
+        """Another run claimed the object since this one did (a flush was refused)."""
+        self._lost.add((obj.uri, obj.version))
+
+    def is_lost(self, obj: SourceObject) -> bool:
+        return (obj.uri, obj.version) in self._lost
+
+    def count_unresolved_failures(self, run: str | None) -> int:
+        row = self.db.run(
+            "counting failures",
+            lambda conn: conn.execute(
+                "SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL"
+                " AND (%(run)s::text IS NULL OR run_id = %(run)s)",
+                {"run": run},
+            ).fetchone(),
+        )
+        return int(row[0]) if row else 0
 
 
 # -- written by the sink, as parts of its flush statement ------------------------
@@ -206,8 +414,11 @@ object_progress AS (
     FROM jsonb_to_recordset(%(objects)s::jsonb) AS o(
         source_uri text, source_version text, checkpoint_line bigint, rows_read bigint,
         rows_valid bigint, rows_invalid bigint, rows_scored bigint, rows_failed bigint,
-        status text, error text)
+        status text, error text, claim_fence bigint)
+    -- The fence: only the latest claim of an object may write it. The row lock
+    -- taken here also makes a concurrent claim wait for this flush to commit.
     WHERE s.source_uri = o.source_uri AND s.source_version = o.source_version
+        AND s.claim_fence = o.claim_fence
     RETURNING 1
 )"""
 
@@ -236,13 +447,31 @@ UPDATE pipeline_runs SET rows_read = %(read)s, rows_valid = %(valid)s,
     objects_done = %(objects_done)s, objects_failed = %(objects_failed)s,
     objects_skipped = %(objects_skipped)s, model_version = COALESCE(%(model_version)s, model_version),
     heartbeat_at = now()
-WHERE run_id = %(run_id)s"""
+WHERE run_id = %(run_id)s
+    -- Every object of the flush passed its fence, or the whole flush is refused.
+    AND CASE WHEN (SELECT count(*) FROM object_progress) = %(objects_expected)s THEN true
+        ELSE batch_pipeline_claim_lost(%(run_id)s) END"""
+
+
+# Which objects of a refused flush another run has claimed since (their fence moved on).
+LOST_CLAIMS = """
+SELECT o.source_uri, o.source_version, s.run_id
+FROM jsonb_to_recordset(%(objects)s::jsonb) AS o(
+    source_uri text, source_version text, claim_fence bigint)
+JOIN source_objects s USING (source_uri, source_version)
+WHERE s.claim_fence <> o.claim_fence"""
 
 
 def object_progress_json(
-    obj: SourceObject, checkpoint_line: int, counts: Counts, status: str, error: str | None
+    obj: SourceObject,
+    checkpoint_line: int,
+    counts: Counts,
+    status: str,
+    error: str | None,
+    fence: int,
 ) -> dict[str, Any]:
     return {
+        "claim_fence": fence,
         "source_uri": obj.uri,
         "source_version": obj.version,
         "checkpoint_line": checkpoint_line,

@@ -56,7 +56,11 @@ def failed_chunks(url: str, run: str | None, size: int) -> Iterator[ValidatedChu
     """The unresolved failures as chunks of typed transactions, one object at a time."""
     conn = db.connect(url, "batch-pipeline retry reader")
     try:
-        with conn.transaction(), conn.cursor(name="failed_rows") as cur:
+        with (
+            db.classified("reading the failed transactions"),
+            conn.transaction(),
+            conn.cursor(name="failed_rows") as cur,
+        ):
             cur.itersize = size
             cur.execute(FAILED_ROWS, {"run": run})
             index = 0
@@ -79,17 +83,13 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
     started = time.time()
     label = "retry-failed" + (f" --run {run}" if run else "")
     with ledger_session(settings, False, "retry") as (ledger, url, shown):
-        waiting = ledger.conn.execute(
-            "SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL"
-            " AND (%(run)s::text IS NULL OR run_id = %(run)s)",
-            {"run": run},
-        ).fetchone()
+        waiting = ledger.count_unresolved_failures(run)
         run_id = ledger.start_run(datetime.now(), label, settings.redacted())
         log.info(
             "Pipeline Run ID: %s (%s: %d transaction(s) to score again)",
             run_id,
             label,
-            waiting[0] if waiting else 0,
+            waiting,
         )
         flow = ScoreAndWrite(settings, url, run_id, stop, ratios=False)
         error: PipelineError | None = None

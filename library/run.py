@@ -148,13 +148,15 @@ def ledger_session(
         url, shown = stack.enter_context(database(settings))
         logs.add_secrets(settings.secret_values() + url_secrets(url))
         conn = db.connect(url, f"batch-pipeline {purpose}")
-        stack.callback(conn.close)
-        if migrate or settings.database_url is None:
-            applied = db.migrate(conn)
-            if applied:
-                log.info("applied migration(s): %s", ", ".join(m.script for m in applied))
-        db.require_schema(conn)
-        yield Ledger(conn), url, shown
+        ledger = Ledger(url, settings.DB_RETRY_TIMEOUT, conn=conn)
+        stack.callback(ledger.close)
+        with db.classified("checking the schema"):
+            if migrate or settings.database_url is None:
+                applied = db.migrate(conn)
+                if applied:
+                    log.info("applied migration(s): %s", ", ".join(m.script for m in applied))
+            db.require_schema(conn)
+        yield ledger, url, shown
 
 
 def s3_client_for(settings: Settings) -> Any | None:
@@ -186,19 +188,15 @@ def run_pipeline(
     return Run(settings, options, stop).execute()
 
 
-def read_errors(obj: SourceObject, exc: BaseException) -> tuple[str, str] | None:
-    """(status, message) for an error reading one object, or None if it is not one."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
+def read_errors(exc: SourceError) -> tuple[str, str]:
+    """(status, message) for an object that could not be read (classified by the source)."""
     if isinstance(exc, MissingColumnsError):
         return "refused", str(exc)
-    if isinstance(exc, SourceError):
-        return "failed", str(exc)
-    if isinstance(exc, BotoCoreError | ClientError):
-        return "failed", source.describe_s3_error(exc, obj.uri)
-    if isinstance(exc, OSError | UnicodeError | ValueError | EOFError):
-        return "failed", f"{obj.uri}: {type(exc).__name__}: {exc}"
-    return None
+    return "failed", str(exc)
+
+
+class ClaimLost(Exception):
+    """Raised to the reader of an object that another run has claimed since."""
 
 
 class Run:
@@ -232,6 +230,7 @@ class Run:
             run_id = ledger.start_run(
                 datetime.now(), self.settings.SOURCE_URI, self.settings.redacted()
             )
+            ledger.start_heartbeat()
             logs.set_run(run_id)
             self.metrics.set_run(run_id)
             log.info("Starting batch pipeline")
@@ -260,7 +259,9 @@ class Run:
         self.live.objects_total = len(objects)
         self.live.bytes_total = sum(o.size or 0 for o in objects)
         log.info("Found %d object(s) under %s", len(objects), settings.SOURCE_URI)
-        flow = ScoreAndWrite(settings, url, run_id, self.stop, metrics=self.metrics)
+        flow = ScoreAndWrite(
+            settings, url, run_id, self.stop, metrics=self.metrics, on_claim_lost=ledger.mark_lost
+        )
         self.flow = flow
 
         def publish_tick() -> None:
@@ -317,7 +318,7 @@ class Run:
                 log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
             outcome = ObjectOutcome(obj.uri, "completed")
             self.outcomes.append(outcome)
-            flow.begin(obj, claim.checkpoint_line, claim.prior)
+            flow.begin(obj, claim.checkpoint_line, claim.prior, claim.fence)
             times = flow.times
             try:
                 with source.open_text(obj, s3) as (text, counter):
@@ -332,6 +333,8 @@ class Run:
                         times.read += parsed - began
                         if chunk is None:
                             break
+                        if ledger.is_lost(obj):
+                            raise ClaimLost
                         self.live.rows_read += chunk.rows_read
                         validated = validate_chunk(chunk)
                         validated.valid = flow.prepare(validated.valid, obj)
@@ -349,18 +352,23 @@ class Run:
                         chunk_number += 1
             except Stopping:
                 raise
-            except Exception as exc:
-                problem = read_errors(obj, exc)
-                if problem is None:
-                    raise
-                outcome.status, outcome.error = problem
+            except ClaimLost:
+                outcome.status = "lost"
+                log.warning("Stopped reading %s: another run has claimed it since", obj.uri)
+            except SourceError as exc:
+                outcome.status, outcome.error = read_errors(exc)
                 log.error(
                     "%s %s",
                     "Refused" if outcome.status == "refused" else "Cannot read",
                     outcome.error,
                 )
             self.live.finish_object(obj.size)
-            flow.end(obj, outcome.error, functools.partial(ledger.release, obj))
+            flow.end(
+                obj,
+                outcome.error,
+                functools.partial(ledger.release, obj),
+                lost=outcome.status == "lost",
+            )
 
     def _report(self, run_id: str, error: PipelineError | None, shown: str) -> RunReport:
         flow = self.flow
@@ -440,11 +448,8 @@ class DryRun:
                             )
                             outcome.counts.add(c)
                             counts.add(c)
-                except Exception as exc:
-                    problem = read_errors(obj, exc)
-                    if problem is None:
-                        raise
-                    outcome.status, outcome.error = problem
+                except SourceError as exc:
+                    outcome.status, outcome.error = read_errors(exc)
                     log.error("Cannot read %s", outcome.error)
             if self.stop.error is not None:
                 raise self.stop.error

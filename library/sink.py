@@ -20,7 +20,6 @@ also the last one written.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import psycopg
 
 from library import db, ledger
 from library.contract import REQUIRED_COLUMNS
+from library.errors import DatabaseError
 from library.faults import failpoint
 from library.models import (
     LINE_COLUMN,
@@ -148,6 +148,7 @@ class ObjectProgress:
     obj: SourceObject
     counts: Counts  # the object's rows so far, earlier runs' included
     checkpoint_line: int
+    fence: int  # the claim this run holds: every flush for the object names it
     status: ObjectStatus = "processing"
     error: str | None = None
     run_counts: Counts = field(default_factory=Counts)  # this run's share
@@ -193,35 +194,31 @@ class Sink:
         database_url: str,
         run_id: str,
         flush_rows: int,
+        retry_window: float,
         on_flush: Callable[[float], None] | None = None,
+        on_claim_lost: Callable[[SourceObject], None] | None = None,
     ) -> None:
         self.on_flush = on_flush
-        self.database_url = database_url
+        self.on_claim_lost = on_claim_lost
         self.run_id = run_id
         self.flush_rows = flush_rows
         self.run = RunProgress()
         self._objects: dict[tuple[str, str], ObjectProgress] = {}
+        self._lost: set[tuple[str, str]] = set()
         self._buffer = FlushBuffer()
-        self._conn: psycopg.Connection[Any] | None = None
         self._run_dirty = False
+        # The staging table lives in the session: a new connection creates it again.
+        self.db = db.Supervised(
+            database_url,
+            f"batch-pipeline sink {run_id}"[:63],
+            retry_window,
+            on_reconnect=lambda conn: conn.execute(STAGING_DDL),
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.database_url, "batch-pipeline sink")
-            self._conn.execute(STAGING_DDL)
-        return self._conn
-
-    def _reconnect(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.close()
-        self._conn = None
-
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        self.db.close()
 
     # -- preparing, on the reader thread ------------------------------------------
 
@@ -254,11 +251,15 @@ class Sink:
 
     # -- input, in source order ------------------------------------------------
 
-    def begin_object(self, obj: SourceObject, checkpoint_line: int, prior: Counts | None) -> None:
+    def begin_object(
+        self, obj: SourceObject, checkpoint_line: int, prior: Counts | None, fence: int
+    ) -> None:
         counts = Counts()
         if prior is not None:
             counts.add(prior)
-        self._objects[(obj.uri, obj.version)] = ObjectProgress(obj, counts, checkpoint_line)
+        key = (obj.uri, obj.version)
+        self._objects[key] = ObjectProgress(obj, counts, checkpoint_line, fence)
+        self._lost.discard(key)
 
     def skip_object(self) -> None:
         self.run.objects_skipped += 1
@@ -267,6 +268,8 @@ class Sink:
     def add(self, unit: WorkUnit, result: ScoreResult) -> None:
         """Buffer a scored unit; units of an object not begun (retry-failed) are not tracked."""
         key = (unit.obj.uri, unit.obj.version)
+        if key in self._lost:
+            return  # another run owns the object now and reads these rows itself
         progress = self._objects.get(key)
         if progress is not None:
             progress.checkpoint_line = max(progress.checkpoint_line, unit.checkpoint_line)
@@ -278,12 +281,22 @@ class Sink:
 
     def end_object(self, obj: SourceObject, error: str | None = None) -> None:
         """The object is fully read (or failed): mark it in a flush, written now."""
-        progress = self._objects[(obj.uri, obj.version)]
+        progress = self._objects.get((obj.uri, obj.version))
+        if progress is None:
+            return  # lost to another run: its status is theirs to write
         progress.status = "failed" if error else "completed"
         progress.error = error
         self._buffer.touched[(obj.uri, obj.version)] = progress
         self.flush()
         del self._objects[(obj.uri, obj.version)]
+
+    def forget_object(self, obj: SourceObject) -> None:
+        """The object was lost to another run: write what the fences still allow, then
+        stop tracking it (its status and checkpoint are the other run's to write)."""
+        self.flush()
+        key = (obj.uri, obj.version)
+        self._objects.pop(key, None)
+        self._lost.add(key)
 
     @property
     def pending_rows(self) -> int:
@@ -298,7 +311,12 @@ class Sink:
         failpoint("before_flush")
         began = time.perf_counter()
         batch = PreparedFlush.build(self._buffer, self.run.model_version)
-        db.with_retries(lambda: self._write(batch), "writing a flush", on_retry=self._reconnect)
+        try:
+            self.db.run("writing a flush", lambda conn: self._write(conn, batch))
+        except db.ClaimLostError:
+            self._forget_lost_objects(batch)
+            self.flush()  # the same flush without the lost objects' rows
+            return
         failpoint("after_flush")
         self._account(batch)
         self._buffer.clear()
@@ -307,6 +325,39 @@ class Sink:
         self.run.busy_seconds += elapsed
         if self.on_flush:
             self.on_flush(elapsed)
+
+    def _forget_lost_objects(self, batch: PreparedFlush) -> None:
+        """A flush was refused by a fence: drop the objects another run claimed since."""
+        fences = [
+            {"source_uri": p.obj.uri, "source_version": p.obj.version, "claim_fence": p.fence}
+            for p, _delta in batch.objects
+        ]
+        lost = self.db.run(
+            "finding the objects claimed by another run",
+            lambda conn: conn.execute(
+                ledger.LOST_CLAIMS, {"objects": orjson.dumps(fences).decode()}
+            ).fetchall(),
+        )
+        if not lost:
+            raise DatabaseError("a flush was refused by its fence, but every claim still holds")
+        for uri, version, holder in lost:
+            key = (uri, version)
+            progress = self._objects.pop(key)
+            self._lost.add(key)
+            self._buffer.touched.pop(key, None)
+            kept = [(u, r) for u, r in self._buffer.units if (u.obj.uri, u.obj.version) != key]
+            dropped = sum(u.rows for u, _r in self._buffer.units) - sum(u.rows for u, _r in kept)
+            self._buffer.units[:] = kept
+            self._buffer.rows -= dropped
+            log.warning(
+                "Lost the claim on %s: run %s has claimed it since; %d row(s) of it not "
+                "written here (that run reads them from the object's checkpoint)",
+                uri,
+                holder,
+                dropped,
+            )
+            if self.on_claim_lost:
+                self.on_claim_lost(progress.obj)
 
     def _params(self, batch: PreparedFlush) -> dict[str, Any]:
         total = plus(self.run.counts, batch.counts)
@@ -320,6 +371,7 @@ class Sink:
                     plus(progress.counts, delta),
                     progress.status,
                     progress.error,
+                    progress.fence,
                 )
             )
             run_objects.append(
@@ -331,6 +383,7 @@ class Sink:
             "run_id": self.run_id,
             "invalid": orjson.dumps(batch.invalid).decode(),
             "objects": orjson.dumps(objects).decode(),
+            "objects_expected": len(objects),
             "run_objects": orjson.dumps(run_objects).decode(),
             "read": total.read,
             "valid": total.valid,
@@ -343,9 +396,8 @@ class Sink:
             "model_version": batch.model_version,
         }
 
-    def _write(self, batch: PreparedFlush) -> None:
+    def _write(self, conn: psycopg.Connection[Any], batch: PreparedFlush) -> None:
         began = time.perf_counter()
-        conn = self._connection()
         params = self._params(batch)
         with conn.transaction(), conn.cursor() as cur:
             if batch.rows:

@@ -6,7 +6,6 @@ import threading
 from decimal import Decimal
 
 import polars as pl
-import psycopg
 import pytest
 
 from library.errors import DatabaseError
@@ -54,14 +53,14 @@ def failed(*ids: str, status: int = 422) -> ScoreResult:
 
 @pytest.fixture
 def sink(database_url: str) -> Sink:
-    conn = psycopg.connect(database_url, autocommit=True)
-    ledger = Ledger(conn)
     from datetime import datetime
 
+    ledger = Ledger(database_url, retry_window=5)
     run_id = ledger.start_run(datetime(2026, 1, 1), "s3://b/", {})
-    assert ledger.claim(run_id, OBJ).status == "new"
-    s = Sink(database_url, run_id, flush_rows=1000)
-    s.begin_object(OBJ, 1, None)
+    claim = ledger.claim(run_id, OBJ)
+    assert claim.status == "new" and claim.fence == 1
+    s = Sink(database_url, run_id, flush_rows=1000, retry_window=5)
+    s.begin_object(OBJ, 1, None, claim.fence)
     return s
 
 
@@ -191,8 +190,8 @@ def test_a_permanent_error_is_not_retried(sink: Sink, database: Database) -> Non
 def test_concurrent_sinks_writing_the_same_ids_do_not_deadlock(
     database_url: str, sink: Sink, database: Database
 ) -> None:
-    other = Sink(database_url, sink.run_id, flush_rows=1000)
-    other.begin_object(OBJ, 1, None)
+    other = Sink(database_url, sink.run_id, flush_rows=1000, retry_window=5)
+    other.begin_object(OBJ, 1, None, fence=1)
     ids = [row(i) for i in range(300)]
     errors: list[BaseException] = []
 
