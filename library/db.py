@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 
-from library.config import redact_url
+from library.config import redact_url, scrub, url_secrets
 from library.errors import DatabaseError, SchemaNotReadyError, TransientDatabaseError
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,11 @@ def connect(url: str, application_name: str = "batch-pipeline") -> psycopg.Conne
             autocommit=True,
         )
     except psycopg.Error as exc:
+        # libpq's message can quote pieces of the URL (a host, a port, a bad token), and
+        # this message is also printed in the summary and stored, outside the log filter.
+        detail = scrub(first_line(exc), url_secrets(url))
         raise DatabaseError(
-            f"cannot connect to the database at {redact_url(url)}: {first_line(exc)}; "
+            f"cannot connect to the database at {redact_url(url)}: {detail}; "
             "check DATABASE_URL and that PostgreSQL is running"
         ) from None
 
