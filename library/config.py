@@ -43,6 +43,7 @@ DEFAULT_FRAUD_THRESHOLD = 0.5
 DEFAULT_API_DOWN_TIMEOUT = 120.0
 DEFAULT_PROGRESS_INTERVAL = 10.0
 DEFAULT_METRICS_JOB = "batch-pipeline"
+DEFAULT_FAIL_ON_EMPTY_SOURCE = False
 
 SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL", "ML_API_TOKEN"})
 # Shorter secrets are not masked in log lines: masking "ab" everywhere would garble them.
@@ -153,6 +154,11 @@ class Settings(BaseModel):
         ge=0,
         le=1,
         description="Failed / valid transactions above which the run stops as failed.",
+    )
+    FAIL_ON_EMPTY_SOURCE: bool = Field(
+        DEFAULT_FAIL_ON_EMPTY_SOURCE,
+        description="When SOURCE_URI holds no object: true makes the run fail (exit 1), "
+        "for a scheduled job whose input must be there; false only warns.",
     )
     API_RETRY_BACKOFF: float = Field(
         DEFAULT_API_RETRY_BACKOFF,
