@@ -9,10 +9,12 @@ naming the variable; secret values never appear in messages or in `redacted()`.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
 
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -42,8 +44,16 @@ DEFAULT_FRAUD_THRESHOLD = 0.5
 DEFAULT_API_DOWN_TIMEOUT = 120.0
 DEFAULT_PROGRESS_INTERVAL = 10.0
 DEFAULT_METRICS_JOB = "batch-pipeline"
+DEFAULT_FAIL_ON_EMPTY_SOURCE = False
 
 SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL", "ML_API_TOKEN"})
+# Shorter secrets are not masked in log lines: masking "ab" everywhere would garble them.
+MIN_SECRET_LENGTH = 3
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+SQLALCHEMY_POSTGRES_SCHEME = "postgresql+psycopg"  # SQLAlchemy's spelling; libpq wants postgresql
+ENCODE_SPECIAL_CHARACTERS = (
+    "percent-encode special characters in the password (/ as %2F, @ as %40) and the user name"
+)
 
 
 class Settings(BaseModel):
@@ -146,6 +156,11 @@ class Settings(BaseModel):
         le=1,
         description="Failed / valid transactions above which the run stops as failed.",
     )
+    FAIL_ON_EMPTY_SOURCE: bool = Field(
+        DEFAULT_FAIL_ON_EMPTY_SOURCE,
+        description="When SOURCE_URI holds no object: true makes the run fail (exit 1), "
+        "for a scheduled job whose input must be there; false only warns.",
+    )
     API_RETRY_BACKOFF: float = Field(
         DEFAULT_API_RETRY_BACKOFF,
         ge=0,
@@ -229,12 +244,19 @@ class Settings(BaseModel):
     @field_validator("DATABASE_URL")
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        """Refused here if libpq would misread it: a raw / or @ in the password makes
+        libpq take pieces of the password for the host, port or database, and its
+        error messages would then print them."""
         if value is None:
             return None
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in ("postgresql", "postgres", "postgresql+psycopg"):
+        url = as_libpq_url(value.get_secret_value())
+        scheme, sep, _ = url.partition("://")
+        if scheme not in POSTGRES_SCHEMES or not sep:  # libpq knows these two, in lower case
             raise ValueError("must be a postgresql:// URL")
-        return value
+        problem = libpq_url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return SecretStr(url)
 
     @field_validator("SOURCE_URI")
     @classmethod
@@ -300,11 +322,18 @@ class Settings(BaseModel):
         for url in (self.database_url, self.ML_API_URL, self.ENDPOINT_URL, self.PUSHGATEWAY_URL):
             if url:
                 secrets.extend(url_secrets(url))
-        return [s for s in secrets if len(s) >= 3]
+        return [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
 
 
 def redact_url(url: str) -> str:
-    """`scheme://user:password@host/...` -> `scheme://user:***@host/...`."""
+    """`scheme://user:password@host/...` -> `scheme://user:***@host/...`.
+
+    A postgresql:// URL is read as libpq reads it, not as urllib does: libpq takes
+    a raw `#` or `?` in the password as part of it, where urllib would see a
+    fragment or a query and leave the password in the text.
+    """
+    if is_postgres_url(url):
+        return redact_postgres_url(url)
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
@@ -319,13 +348,130 @@ def redact_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The password (and query-string password) a URL carries, if any."""
-    parts = urlsplit(url)
-    found = [parts.password] if parts.password else []
-    for kv in parts.query.split("&"):
+    """The password (and query-string password) a URL carries, if any, in every
+    form it may be printed in: as written, percent-decoded and percent-encoded."""
+    if is_postgres_url(url):
+        found = postgres_url_passwords(url)
+    else:
+        parts = urlsplit(url)
+        found = [parts.password] if parts.password else []
+        for kv in parts.query.split("&"):
+            if kv.startswith("password=") and len(kv) > len("password="):
+                found.append(kv[len("password=") :])
+    forms: set[str] = set()
+    for secret in found:
+        decoded = unquote(secret)
+        forms.update(
+            {secret, decoded, quote(decoded, safe=""), quote(decoded), quote_plus(decoded)}
+        )
+    return sorted(s for s in forms if s)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """`text` with every secret (longest first) replaced by ***."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= MIN_SECRET_LENGTH:
+            text = text.replace(secret, "***")
+    return text
+
+
+# -- postgresql:// URLs, as libpq reads them ------------------------------------------
+
+
+def is_postgres_url(url: str) -> bool:
+    scheme = url.partition("://")[0].lower()
+    return scheme in POSTGRES_SCHEMES or scheme == SQLALCHEMY_POSTGRES_SCHEME
+
+
+def as_libpq_url(url: str) -> str:
+    """SQLAlchemy's `postgresql+psycopg://` spelled as libpq knows it."""
+    scheme, _, rest = url.partition("://")
+    return "postgresql://" + rest if scheme.lower() == SQLALCHEMY_POSTGRES_SCHEME else url
+
+
+def split_libpq_url(url: str) -> tuple[str, str | None, str]:
+    """(scheme, credentials, rest) as libpq cuts a URL: the credentials
+    (`user[:password]`) run from `://` to the first `@`, unless a `/` comes first,
+    in which case there are none and the whole rest is host, port and database."""
+    scheme, _, rest = url.partition("://")
+    for i, char in enumerate(rest):
+        if char == "@":
+            return scheme, rest[:i], rest[i + 1 :]
+        if char == "/":
+            break
+    return scheme, None, rest
+
+
+def credentials_misread(rest: str) -> bool:
+    """An `@` in what libpq reads as host, port or database (before any query
+    `key=`): a raw `@` or `/` in the user name or password moved it there."""
+    query = rest.find("?")
+    end = len(rest) if query < 0 else rest.find("=", query)
+    return "@" in rest[: end if end >= 0 else len(rest)]
+
+
+def libpq_url_problem(url: str) -> str | None:
+    """Why libpq would refuse or misread this URL, without quoting any of it; None if fine."""
+    _, _, rest = split_libpq_url(url)
+    if credentials_misread(rest):
+        return ENCODE_SPECIAL_CHARACTERS
+    try:
+        conninfo_to_dict(as_libpq_url(url))
+    except Exception as exc:
+        # libpq quotes the offending piece, which may be the password: drop the quotes' content.
+        reason = re.sub(r'"[^"]*"', '"..."', str(exc).strip().splitlines()[0])
+        return (
+            f"libpq cannot read it ({reason}): percent-encode special characters "
+            "in the password (% as %25, a space as %20, / as %2F, @ as %40)"
+        )
+    return None
+
+
+def postgres_url_passwords(url: str) -> list[str]:
+    """The password as libpq decodes it, and as written (in the credentials or in a
+    `password=` query parameter). For a URL libpq would misread, everything between
+    `://` and the last `@` counts as secret."""
+    found: list[str] = []
+    try:
+        password = conninfo_to_dict(as_libpq_url(url)).get("password")
+    except Exception:
+        password = None
+    if password:
+        found.append(str(password))
+    _, credentials, rest = split_libpq_url(url)
+    if credentials and ":" in credentials:
+        found.append(credentials.split(":", 1)[1])
+    query = rest.partition("?")[2]
+    for kv in query.split("&"):
         if kv.startswith("password=") and len(kv) > len("password="):
             found.append(kv[len("password=") :])
-    return found
+    if libpq_url_problem(url):
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        found.extend([userinfo, userinfo.partition(":")[2]])
+    return [s for s in found if s]
+
+
+def redact_postgres_url(url: str) -> str:
+    """The URL as written with the password (credentials or query) replaced by ***;
+    for a URL libpq would misread, only the scheme and what follows the last `@`."""
+    scheme, credentials, rest = split_libpq_url(url)
+    if libpq_url_problem(url) is None:
+        if credentials and ":" in credentials:
+            credentials = credentials.split(":", 1)[0] + ":***"
+        location, mark, query = rest.partition("?")
+        if query:
+            query = "&".join(
+                "password=***" if kv.startswith("password=") else kv for kv in query.split("&")
+            )
+        shown = f"{scheme}://" + (f"{credentials}@" if credentials is not None else "")
+        shown += location + mark + query
+        secrets = [s for s in url_secrets(url) if len(s) >= MIN_SECRET_LENGTH]
+        if not any(secret in shown for secret in secrets):
+            return shown
+    after_last_at = url.partition("://")[2].rpartition("@")[2]
+    if "@" not in url or "password=" in url:
+        return f"{scheme}://***"
+    return f"{scheme}://***@{after_last_at.partition('?')[0]}"
 
 
 def load_settings(

@@ -30,7 +30,7 @@ import psycopg
 import tenacity
 from psycopg import errors as pg_errors
 
-from library.config import redact_url
+from library.config import redact_url, scrub, url_secrets
 from library.errors import DatabaseError, SchemaNotReadyError, TransientDatabaseError
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,12 @@ def connect(url: str, application_name: str = "batch-pipeline") -> psycopg.Conne
             **KEEPALIVES,
         )
     except psycopg.Error as exc:
-        error = classify(exc, "connecting")
+        # libpq's message can quote pieces of the URL (a host, a port, a bad token), and
+        # this message is also printed in the summary and stored, outside the log filter.
+        detail = scrub(first_line(exc), url_secrets(url))
+        error = classify(exc, "connecting")  # refused or lost: transient; a wrong password: not
         raise type(error)(
-            f"cannot connect to the database at {redact_url(url)}: {first_line(exc)}; "
+            f"cannot connect to the database at {redact_url(url)}: {detail}; "
             "check DATABASE_URL and that PostgreSQL is running"
         ) from None
 

@@ -4,6 +4,8 @@ Metrics (job label METRICS_JOB):
 
     batch_pipeline_rows_total{outcome}                      read, valid, invalid, scored, failed
     batch_pipeline_objects_total{status}                    completed, failed, refused, skipped, locked
+    batch_pipeline_objects_found                            objects the listing of SOURCE_URI found
+                                                            (0: no input; absent if it never listed)
     batch_pipeline_api_requests_total{status}               HTTP status, or "error" (no answer)
     batch_pipeline_api_request_duration_seconds             histogram
     batch_pipeline_api_retries_total
@@ -93,6 +95,7 @@ class RunMetrics:
             "batch_pipeline_run_status", "1 for the run's status.", ["status"], registry=r
         )
         self.info = Gauge("batch_pipeline_run_info", "The run's id.", ["run_id"], registry=r)
+        self.objects_found: Gauge | None = None  # see set_objects_found
         for outcome in ("read", "valid", "invalid", "scored", "failed"):
             self.rows.labels(outcome)
         self.set_status("processing")
@@ -122,6 +125,17 @@ class RunMetrics:
 
     def observe_object(self, status: str) -> None:
         self.objects.labels(status).inc()
+
+    def set_objects_found(self, found: int) -> None:
+        """Registered only once the source was listed: a run that failed before
+        listing must not report an empty source."""
+        if self.objects_found is None:
+            self.objects_found = Gauge(
+                "batch_pipeline_objects_found",
+                "Objects the listing of SOURCE_URI found (0: no input).",
+                registry=self.registry,
+            )
+        self.objects_found.set(found)
 
     def set_counts(self, counts: Counts) -> None:
         """Counters move by the difference since the last call."""

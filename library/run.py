@@ -79,6 +79,7 @@ class RunReport:
     flush_seconds: float = 0.0
     concurrency: dict[str, Any] | None = None
     stage_times: StageTimes | None = None
+    objects_found: int | None = None  # by the listing of SOURCE_URI; None: not listed
 
     @property
     def seconds(self) -> float:
@@ -104,6 +105,7 @@ class RunReport:
             "flush_seconds": round(self.flush_seconds, 3),
             "concurrency": self.concurrency,
             "stage_times": self.stage_times.as_dict() if self.stage_times else None,
+            "objects_found": self.objects_found,
             "error": self.error,
         }
 
@@ -177,6 +179,20 @@ def require_run_settings(settings: Settings, options: RunOptions) -> None:
         raise ConfigError("--limit must be at least 1")
 
 
+def check_found(objects: list[SourceObject], settings: Settings) -> None:
+    """An empty listing: a nightly job that finds no input usually means a broken
+    upstream, so say so, or fail the run if FAIL_ON_EMPTY_SOURCE is set."""
+    if objects:
+        return
+    message = (
+        f"no objects found under {settings.SOURCE_URI}: no .csv, .csv.gz or .csv.zst there; "
+        "check SOURCE_URI and the upstream export"
+    )
+    if settings.FAIL_ON_EMPTY_SOURCE:
+        raise SourceError(message + " (FAIL_ON_EMPTY_SOURCE is set)", settings.SOURCE_URI)
+    log.warning("%s", message)
+
+
 def run_pipeline(
     settings: Settings, options: RunOptions, stop: StopSignal | None = None
 ) -> RunReport:
@@ -211,6 +227,7 @@ class Run:
         self.metrics = RunMetrics(
             settings.METRICS_JOB, settings.PUSHGATEWAY_URL, settings.METRICS_TEXTFILE
         )
+        self.objects_found: int | None = None
 
     def execute(self) -> RunReport:
         try:
@@ -220,6 +237,8 @@ class Run:
             self.metrics.publish(final_status="failed")
             raise
         self.metrics.set_counts(report.counts)
+        if report.objects_found is not None:
+            self.metrics.set_objects_found(report.objects_found)
         for outcome in report.objects:
             self.metrics.observe_object(outcome.status)
         self.metrics.publish(final_status=report.status)
@@ -253,12 +272,14 @@ class Run:
         assert settings.SOURCE_URI
         s3 = s3_client_for(settings)
         objects = source.list_objects(settings.SOURCE_URI, s3)
+        self.objects_found = len(objects)
         if self.options.limit is not None:
             objects = objects[: self.options.limit]
         ledger.set_objects_total(run_id, len(objects))
         self.live.objects_total = len(objects)
         self.live.bytes_total = sum(o.size or 0 for o in objects)
         log.info("Found %d object(s) under %s", len(objects), settings.SOURCE_URI)
+        check_found(objects, settings)
         flow = ScoreAndWrite(
             settings, url, run_id, self.stop, metrics=self.metrics, on_claim_lost=ledger.mark_lost
         )
@@ -391,6 +412,7 @@ class Run:
             flush_seconds=flow.sink.run.flush_seconds if flow else 0.0,
             concurrency=flow.concurrency() if flow else None,
             stage_times=self._stage_times(),
+            objects_found=self.objects_found,
         )
 
     def _stage_times(self) -> StageTimes | None:
@@ -427,9 +449,12 @@ class DryRun:
         counts = Counts()
         outcomes: list[ObjectOutcome] = []
         error: PipelineError | None = None
+        found: int | None = None
         try:
             s3 = s3_client_for(settings)
             objects = source.list_objects(settings.SOURCE_URI, s3)
+            found = len(objects)
+            check_found(objects, settings)
             if self.options.limit is not None:
                 objects = objects[: self.options.limit]
             for obj in objects:
@@ -467,4 +492,5 @@ class DryRun:
             finished_at=time.time(),
             error=message,
             dry_run=True,
+            objects_found=found,
         )

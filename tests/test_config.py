@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from library.config import Settings, load_settings, redact_url
+from library.config import Settings, load_settings, redact_url, url_secrets
 from library.errors import ConfigError
 
 
@@ -86,6 +86,70 @@ def test_redact_url() -> None:
         redact_url("postgresql://h/db?user=u&password=p") == "postgresql://h/db?user=u&password=***"
     )
     assert redact_url("http://h:8000") == "http://h:8000"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "password"),
+    [
+        # libpq reads a raw # or ? as part of the password; urllib would not.
+        ("postgresql://u:pa#ss@h/db", "postgresql://u:***@h/db", "pa#ss"),
+        ("postgres://u:a?b:c#d@h:5/db", "postgres://u:***@h:5/db", "a?b:c#d"),
+        (
+            "postgresql://u:a%2Fb%40c%23d%3Ae%3Ff%25g%20h@h/db?sslmode=require",
+            "postgresql://u:***@h/db?sslmode=require",
+            "a/b@c#d:e?f%g h",
+        ),
+        (
+            "postgresql://h/db?user=u&password=x%23y%20z&sslmode=require",
+            "postgresql://h/db?user=u&password=***&sslmode=require",
+            "x#y z",
+        ),
+        ("postgresql+psycopg://u:secret1@h/db", "postgresql://u:***@h/db", "secret1"),
+    ],
+)
+def test_database_url_is_redacted_as_libpq_reads_it(url: str, shown: str, password: str) -> None:
+    s = load_settings(environ={"DATABASE_URL": url})
+    assert s.redacted()["DATABASE_URL"] == shown
+    written = url.split("://", 1)[1].rsplit("@", 1)[0].split(":", 1)[-1]
+    if "password=" in url:
+        written = url.split("password=", 1)[1].split("&", 1)[0]
+    for form in (password, written):
+        assert form in s.secret_values()
+        assert form not in str(s.redacted()) + repr(s)
+
+
+@pytest.mark.parametrize(
+    ("url", "pieces"),
+    [
+        ("postgresql://u:pw1/pw2@h/db", ["pw1", "pw2"]),  # libpq: host u, port pw1
+        ("postgresql://u:pw1@pw2@h/db", ["pw1", "pw2"]),  # libpq: host pw2@h
+        ("postgresql://u:pw1?pw2/pw3@h/db?sslmode=require", ["pw1", "pw2", "pw3"]),
+        ("postgresql://me@srv:pw1@h/db", ["pw1"]),  # an Azure-style user name, unencoded
+        ("postgresql://u:pw1%zzpw2@h/db", ["pw1", "zzpw2"]),  # libpq quotes the bad token
+        ("postgresql://u:pw1 pw2@h/db", ["pw1", "pw2"]),
+    ],
+)
+def test_database_url_libpq_would_misread_is_refused_without_echo(
+    url: str, pieces: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"DATABASE_URL": url})
+    message = str(err.value)
+    assert message.startswith("invalid configuration: DATABASE_URL: ")
+    assert "percent-encode special characters in the password" in message
+    if "%" not in url and " " not in url:
+        assert "(/ as %2F, @ as %40)" in message
+    shown = redact_url(url)
+    secrets = url_secrets(url)
+    for piece in pieces:
+        assert piece not in message and piece not in shown
+        assert any(piece in secret for secret in secrets)
+
+
+def test_ml_api_url_credentials_stay_redacted() -> None:
+    s = load_settings(environ={"ML_API_URL": "http://svc:p%40ss%3Aword@h:8000/base"})
+    assert s.ML_API_URL and redact_url(s.ML_API_URL) == "http://svc:***@h:8000/base"
+    assert {"p%40ss%3Aword", "p@ss:word"} <= set(s.secret_values())
 
 
 def test_every_setting_is_documented() -> None:

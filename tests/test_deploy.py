@@ -710,6 +710,7 @@ def test_alerts_use_the_metrics_the_job_produces(tmp_path: Path) -> None:
     textfile = tmp_path / "batch.prom"
     metrics = RunMetrics(Settings().METRICS_JOB, None, textfile, run_id="batch_1")
     metrics.set_counts(Counts(100, 90, 10, 88, 2))
+    metrics.set_objects_found(0)
     metrics.publish("failed")
     metrics.publish("completed")
     produced: dict[str, list[dict[str, str]]] = {}

@@ -214,14 +214,16 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     log.info(
         "Pipeline complete: %d processed, %d failed, %d invalid", c.scored, c.failed, c.invalid
     )
-    print_summary(report)
+    print_summary(report, settings.SOURCE_URI)
     return report.exit_code
 
 
-def print_summary(report: Any) -> None:
+def print_summary(report: Any, source_uri: str | None = None) -> None:
     s = report.summary()
     rows = s["rows"]
     objects = ", ".join(f"{n} {k}" for k, n in sorted(s["objects"].items())) or "none"
+    if s.get("objects_found") == 0:
+        objects = f"none found under {source_uri or 'SOURCE_URI'}"
     lines = [
         f"run_id:        {s['run_id']}{' (dry run)' if s['dry_run'] else ''}",
         f"status:        {s['status']} (exit {s['exit_code']})",
