@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from library.errors import ConfigError
+from library.errors import EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS, ConfigError
 
 DEFAULT_ROW_BATCH_SIZE = 5000
 DEFAULT_API_BATCH_SIZE = 100
@@ -41,6 +41,7 @@ DEFAULT_FRAUD_THRESHOLD = 0.5
 DEFAULT_API_DOWN_TIMEOUT = 120.0
 DEFAULT_PROGRESS_INTERVAL = 10.0
 DEFAULT_METRICS_JOB = "batch-pipeline"
+DEFAULT_COMPLETED_WITH_ERRORS_EXIT_CODE = EXIT_COMPLETED_WITH_ERRORS  # the contract's 3
 
 SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL", "ML_API_TOKEN"})
 
@@ -193,6 +194,12 @@ class Settings(BaseModel):
     METRICS_JOB: str = Field(
         DEFAULT_METRICS_JOB, min_length=1, description="The job label of the pushed metrics."
     )
+    COMPLETED_WITH_ERRORS_EXIT_CODE: int = Field(
+        DEFAULT_COMPLETED_WITH_ERRORS_EXIT_CODE,
+        description="Exit code of a run that ends completed_with_errors: 3 (the contract) or 0, "
+        "for schedulers that count every non-zero exit as a failed attempt (Kubernetes Jobs); "
+        "the status, the metrics and the alerts still say completed_with_errors.",
+    )
 
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod
@@ -203,6 +210,14 @@ class Settings(BaseModel):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("COMPLETED_WITH_ERRORS_EXIT_CODE")
+    @classmethod
+    def _zero_or_three(cls, value: int) -> int:
+        # Any other code would collide with another outcome (1 failed, 2 usage, 4 threshold).
+        if value not in (EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS):
+            raise ValueError("must be 0 or 3")
+        return value
 
     @field_validator("ML_API_URL", "ENDPOINT_URL", "PUSHGATEWAY_URL")
     @classmethod

@@ -680,6 +680,23 @@ def test_cronjob_sets_only_real_settings() -> None:
     load_settings(environ={**configmap["data"], **placeholders})
 
 
+def test_cronjob_counts_a_night_with_errors_as_a_success() -> None:
+    """Any exit but 0 is a failed pod to a Job (and a retry): the ConfigMap makes
+    completed_with_errors exit 0. Only the codes a retry cannot fix fail the Job at once."""
+    configmap = load_yaml(CONFIGMAP)
+    settings = load_settings(
+        environ={**configmap["data"], "DATABASE_URL": "postgresql://u@db/transactions"}
+    )
+    assert settings.COMPLETED_WITH_ERRORS_EXIT_CODE == 0
+    rules = load_yaml(CRONJOB)["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    (fail_job,) = [r for r in rules if r["action"] == "FailJob"]
+    assert fail_job["onExitCodes"] == {
+        "containerName": cronjob_container()["name"],
+        "operator": "In",
+        "values": [2, 4],
+    }
+
+
 # -- Prometheus ---------------------------------------------------------------------
 
 
