@@ -9,6 +9,7 @@ naming the variable; secret values never appear in messages or in `redacted()`.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -44,6 +45,10 @@ DEFAULT_METRICS_JOB = "batch-pipeline"
 DEFAULT_COMPLETED_WITH_ERRORS_EXIT_CODE = EXIT_COMPLETED_WITH_ERRORS  # the contract's 3
 
 SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL", "ML_API_TOKEN"})
+# Secrets the client libraries read from the environment themselves, not settings: libpq's
+# PGPASSWORD (how docker-compose.yml passes the database password, raw) and boto3's
+# AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (read while SECRET is unset).
+CLIENT_SECRET_VARIABLES = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class Settings(BaseModel):
@@ -308,6 +313,13 @@ class Settings(BaseModel):
             if url:
                 secrets.extend(url_secrets(url))
         return [s for s in secrets if len(s) >= 3]
+
+
+def client_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of CLIENT_SECRET_VARIABLES, for log redaction."""
+    env = os.environ if environ is None else environ
+    values = (env.get(name) for name in CLIENT_SECRET_VARIABLES)
+    return [v for v in values if v and len(v) >= 3]
 
 
 def redact_url(url: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from library import db, logs
-from library.config import Settings, load_settings
+from library.config import Settings, client_secrets, load_settings
 from library.errors import (
     EXIT_FAILED,
     EXIT_SIGINT,
@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"batch-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logs.setup_logging(settings.LOG_LEVEL, settings.secret_values(), settings.LOG_FORMAT)
+    secrets = settings.secret_values() + client_secrets()
+    logs.setup_logging(settings.LOG_LEVEL, secrets, settings.LOG_FORMAT)
     try:
         if args.command == "run":
             return cmd_run(args, settings)
