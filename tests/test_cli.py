@@ -38,3 +38,16 @@ def test_every_command_and_variable_is_in_the_readme() -> None:
         assert re.search(rf"batch-pipeline {command}\b", README), command
     for name in Settings.model_fields:
         assert f"`{name}`" in README, name
+
+
+def test_the_readme_opens_with_the_user_and_the_test_commands() -> None:
+    """The user's command installs only what the job needs (--no-dev: no pytest, moto,
+    mypy, hadolint...); the tests' command is the one CI runs, with the dev group."""
+    block = README.split("```bash\n", 1)[1].split("```", 1)[0]
+    demo, tests = (line.split("#")[0].strip() for line in block.splitlines())
+    assert demo == "python3 -m pip install uv && python3 -m uv run --no-dev batch-pipeline demo"
+    assert tests == "python3 -m pip install uv && python3 -m uv run pytest"
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()
+    # Every other `uv run batch-pipeline` a user pastes skips the dev group too.
+    assert not re.search(r"uv run batch-pipeline", README)

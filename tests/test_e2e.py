@@ -359,6 +359,7 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     import sys
 
     env = {k: v for k, v in cli_env.items() if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR")}
+    env["UV"] = "/usr/local/bin/uv"  # as `python3 -m uv run` sets it
     demo = subprocess.run(
         [sys.executable, "-m", "pipeline.batch.main", "demo", "--rows", "600"],
         cwd=tmp_path,
@@ -370,7 +371,10 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "completed_with_errors" in demo.stdout or "completed (exit 0)" in demo.stdout
     assert "600 read" in demo.stdout
-    assert 'batch-pipeline query "SELECT prediction, COUNT(*)' in demo.stdout
+    # The command the user can paste: --no-dev, like the README's, installs no dev tools.
+    assert 'python3 -m uv run --no-dev batch-pipeline query "SELECT prediction, COUNT(*)' in (
+        demo.stdout
+    )
     assert str(tmp_path / ".batch-pipeline" / "postgres") in demo.stdout
     query = subprocess.run(
         [

@@ -319,8 +319,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print_summary(report)
     if report.status not in ("completed", "completed_with_errors"):
         return report.exit_code
-    # Started by `python3 -m uv run` (uv sets UV): batch-pipeline is not on the PATH.
-    command = "python3 -m uv run batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
+    # Started by `python3 -m uv run --no-dev` (uv sets UV): batch-pipeline is not on the
+    # PATH. --no-dev as in the README's command, or uv would add the dev tools to the venv.
+    command = (
+        "python3 -m uv run --no-dev batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
+    )
     print(
         f"\nThe sample has about 1% invalid rows and 1% duplicates on purpose: see invalid_rows.\n"
         f"Look at the predictions:\n\n"
