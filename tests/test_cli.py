@@ -51,3 +51,26 @@ def test_the_readme_opens_with_the_user_and_the_test_commands() -> None:
     assert tests in ci.splitlines()
     # Every other `uv run batch-pipeline` a user pastes skips the dev group too.
     assert not re.search(r"uv run batch-pipeline", README)
+
+
+def test_the_readme_starts_the_model_servers_as_the_tests_do(tmp_path: Path) -> None:
+    """The README's MLflow / MLServer block is pasted as is: it must carry every option
+    the tests' launchers (tools/model_servers/servers.py) need, wait for readiness on the
+    same path, and --reprocess the demo's objects."""
+    from tools.model_servers.servers import mlflow_server, mlserver_server
+
+    section = README.split("### A real model, served by MLflow or MLServer", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    mlflow = mlflow_server(tmp_path / "mlflow", 5001, tmp_path)
+    served = " ".join(mlflow.command[1:]).replace(str(tmp_path / "mlflow"), "")
+    served = served.replace("-m  ", "-m .batch-pipeline/model/mlflow ")
+    assert f"mlflow {served}" in block
+    assert f"127.0.0.1:5001{mlflow.ready_path}" in block
+    mlserver = mlserver_server(tmp_path / "mlserver", "fraud", 8080, 8081, tmp_path)
+    for name, value in mlserver.env.items():
+        if name.startswith("MLSERVER_"):
+            assert re.search(rf"(^|\s){name}={re.escape(value)}(\s|$)", block, re.M), name
+    assert f"127.0.0.1:8080{mlserver.ready_path}" in block
+    runs = [line for line in block.splitlines() if "batch-pipeline run" in line]
+    assert len(runs) == 2 and all("--reprocess" in line for line in runs)
+    assert block.count("until python3 -c") == 2
