@@ -871,6 +871,28 @@ def test_cronjob_sets_only_real_settings() -> None:
     load_settings(environ={**configmap["data"], **placeholders})
 
 
+# podFailurePolicy is GA from 1.31; the newest schema kubernetes-validate ships is checked too.
+OLDEST_KUBERNETES = "1.31.0"
+
+
+def test_manifests_match_the_kubernetes_schemas() -> None:
+    """Every manifest against the API schemas (offline, strict: an unknown or misplaced
+    field is an error), for the oldest Kubernetes they need and the newest known."""
+    from kubernetes_validate import ValidationError, latest_version, validate
+
+    manifests = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+    assert {m.name for m in manifests} >= {CRONJOB.name, CONFIGMAP.name, SECRET_EXAMPLE.name}
+    for manifest in manifests:
+        for document in yaml.safe_load_all(manifest.read_text(encoding="utf-8")):
+            for version in (OLDEST_KUBERNETES, latest_version()):
+                validate(document, version, strict=True)
+    # Strict indeed: a misspelt field of the CronJob is refused.
+    cron = load_yaml(CRONJOB)
+    cron["spec"]["jobTemplate"]["spec"]["backofLimit"] = 2
+    with pytest.raises(ValidationError):
+        validate(cron, latest_version(), strict=True)
+
+
 def test_cronjob_counts_a_night_with_errors_as_a_success() -> None:
     """Any exit but 0 is a failed pod to a Job (and a retry): the ConfigMap makes
     completed_with_errors exit 0. Only the codes a retry cannot fix fail the Job at once."""
