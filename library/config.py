@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, quote_plus, unquote, urlsplit, urlunsplit
@@ -25,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from library.errors import ConfigError
+from library.errors import EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS, ConfigError
 
 DEFAULT_ROW_BATCH_SIZE = 5000
 DEFAULT_API_BATCH_SIZE = 100
@@ -54,6 +55,12 @@ SQLALCHEMY_POSTGRES_SCHEME = "postgresql+psycopg"  # SQLAlchemy's spelling; libp
 ENCODE_SPECIAL_CHARACTERS = (
     "percent-encode special characters in the password (/ as %2F, @ as %40) and the user name"
 )
+DEFAULT_COMPLETED_WITH_ERRORS_EXIT_CODE = EXIT_COMPLETED_WITH_ERRORS  # the contract's 3
+
+# Secrets the client libraries read from the environment themselves, not settings: libpq's
+# PGPASSWORD (how docker-compose.yml passes the database password, raw) and boto3's
+# AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (read while SECRET is unset).
+CLIENT_SECRET_VARIABLES = ("PGPASSWORD", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class Settings(BaseModel):
@@ -216,6 +223,12 @@ class Settings(BaseModel):
     METRICS_JOB: str = Field(
         DEFAULT_METRICS_JOB, min_length=1, description="The job label of the pushed metrics."
     )
+    COMPLETED_WITH_ERRORS_EXIT_CODE: int = Field(
+        DEFAULT_COMPLETED_WITH_ERRORS_EXIT_CODE,
+        description="Exit code of a run that ends completed_with_errors: 3 (the contract) or 0, "
+        "for schedulers that count every non-zero exit as a failed attempt (Kubernetes Jobs); "
+        "the status, the metrics and the alerts still say completed_with_errors.",
+    )
 
     @field_validator("LOG_LEVEL", mode="before")
     @classmethod
@@ -226,6 +239,14 @@ class Settings(BaseModel):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("COMPLETED_WITH_ERRORS_EXIT_CODE")
+    @classmethod
+    def _zero_or_three(cls, value: int) -> int:
+        # Any other code would collide with another outcome (1 failed, 2 usage, 4 threshold).
+        if value not in (EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS):
+            raise ValueError("must be 0 or 3")
+        return value
 
     @field_validator("ML_API_URL", "ENDPOINT_URL", "PUSHGATEWAY_URL")
     @classmethod
@@ -323,6 +344,13 @@ class Settings(BaseModel):
             if url:
                 secrets.extend(url_secrets(url))
         return [s for s in secrets if len(s) >= MIN_SECRET_LENGTH]
+
+
+def client_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of CLIENT_SECRET_VARIABLES, for log redaction."""
+    env = os.environ if environ is None else environ
+    values = (env.get(name) for name in CLIENT_SECRET_VARIABLES)
+    return [v for v in values if v and len(v) >= 3]
 
 
 def redact_url(url: str) -> str:

@@ -107,7 +107,9 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
         except PipelineError as exc:
             error = exc
         counts: Counts = flow.sink.run.counts
-        status, exit_code, message = decide(error, counts, [])
+        status, exit_code, message = decide(
+            error, counts, [], settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+        )
         report = RunReport(
             run_id=run_id,
             status=status,

@@ -111,9 +111,16 @@ class RunReport:
 
 
 def decide(
-    error: PipelineError | None, counts: Counts, objects: list[ObjectOutcome]
+    error: PipelineError | None,
+    counts: Counts,
+    objects: list[ObjectOutcome],
+    with_errors_exit: int = EXIT_COMPLETED_WITH_ERRORS,
 ) -> tuple[RunStatus, int, str | None]:
-    """The run's status, exit code (contract, section 5) and message."""
+    """The run's status, exit code (contract, section 5) and message.
+
+    `with_errors_exit` (COMPLETED_WITH_ERRORS_EXIT_CODE) changes only the exit code of
+    completed_with_errors: the status, and so the ledger, the metrics and the alerts, stay.
+    """
     if error is not None:
         status: RunStatus = "interrupted" if error.exit_code in (130, 143) else "failed"
         return status, error.exit_code, str(error)
@@ -122,7 +129,7 @@ def decide(
         detail = "; ".join(str(o.error) for o in unreadable[:5])
         return "failed", EXIT_FAILED, f"{len(unreadable)} object(s) could not be read: {detail}"
     if counts.invalid or counts.failed or any(o.status == "refused" for o in objects):
-        return "completed_with_errors", EXIT_COMPLETED_WITH_ERRORS, None
+        return "completed_with_errors", with_errors_exit, None
     return "completed", EXIT_COMPLETED, None
 
 
@@ -394,7 +401,9 @@ class Run:
     def _report(self, run_id: str, error: PipelineError | None, shown: str) -> RunReport:
         flow = self.flow
         counts = flow.sink.run.counts if flow else Counts()
-        status, exit_code, message = decide(error, counts, self.outcomes)
+        status, exit_code, message = decide(
+            error, counts, self.outcomes, self.settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+        )
         return RunReport(
             run_id=run_id,
             status=status,
@@ -481,7 +490,9 @@ class DryRun:
             check_ratios(counts, settings, final=True)
         except (PipelineError, ThresholdExceededError) as exc:
             error = exc
-        status, exit_code, message = decide(error, counts, outcomes)
+        status, exit_code, message = decide(
+            error, counts, outcomes, settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+        )
         return RunReport(
             run_id=run_id,
             status=status,

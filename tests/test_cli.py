@@ -38,3 +38,39 @@ def test_every_command_and_variable_is_in_the_readme() -> None:
         assert re.search(rf"batch-pipeline {command}\b", README), command
     for name in Settings.model_fields:
         assert f"`{name}`" in README, name
+
+
+def test_the_readme_opens_with_the_user_and_the_test_commands() -> None:
+    """The user's command installs only what the job needs (--no-dev: no pytest, moto,
+    mypy, hadolint...); the tests' command is the one CI runs, with the dev group."""
+    block = README.split("```bash\n", 1)[1].split("```", 1)[0]
+    demo, tests = (line.split("#")[0].strip() for line in block.splitlines())
+    assert demo == "python3 -m pip install uv && python3 -m uv run --no-dev batch-pipeline demo"
+    assert tests == "python3 -m pip install uv && python3 -m uv run pytest"
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()
+    # Every other `uv run batch-pipeline` a user pastes skips the dev group too.
+    assert not re.search(r"uv run batch-pipeline", README)
+
+
+def test_the_readme_starts_the_model_servers_as_the_tests_do(tmp_path: Path) -> None:
+    """The README's MLflow / MLServer block is pasted as is: it must carry every option
+    the tests' launchers (tools/model_servers/servers.py) need, wait for readiness on the
+    same path, and --reprocess the demo's objects."""
+    from tools.model_servers.servers import mlflow_server, mlserver_server
+
+    section = README.split("### A real model, served by MLflow or MLServer", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    mlflow = mlflow_server(tmp_path / "mlflow", 5001, tmp_path)
+    served = " ".join(mlflow.command[1:]).replace(str(tmp_path / "mlflow"), "")
+    served = served.replace("-m  ", "-m .batch-pipeline/model/mlflow ")
+    assert f"mlflow {served}" in block
+    assert f"127.0.0.1:5001{mlflow.ready_path}" in block
+    mlserver = mlserver_server(tmp_path / "mlserver", "fraud", 8080, 8081, tmp_path)
+    for name, value in mlserver.env.items():
+        if name.startswith("MLSERVER_"):
+            assert re.search(rf"(^|\s){name}={re.escape(value)}(\s|$)", block, re.M), name
+    assert f"127.0.0.1:8080{mlserver.ready_path}" in block
+    runs = [line for line in block.splitlines() if "batch-pipeline run" in line]
+    assert len(runs) == 2 and all("--reprocess" in line for line in runs)
+    assert block.count("until python3 -c") == 2

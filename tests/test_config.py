@@ -50,6 +50,10 @@ def test_flags_override_the_environment() -> None:
         ({"SOURCE_URI": "gs://bucket/x"}, "SOURCE_URI: must be s3://bucket/... or a local path"),
         ({"SOURCE_URI": "s3:///x"}, "SOURCE_URI: an s3:// URI needs a bucket"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
+        (
+            {"COMPLETED_WITH_ERRORS_EXIT_CODE": "1"},
+            "COMPLETED_WITH_ERRORS_EXIT_CODE: must be 0 or 3 (got '1')",
+        ),
     ],
 )
 def test_a_bad_value_names_the_variable(env: dict[str, str], expected: str) -> None:

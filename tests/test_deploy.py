@@ -25,14 +25,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from library.config import Settings, load_settings
 from library.metrics import RunMetrics
 from library.models import Counts
 from library.reference_model import make_server
+from tests.conftest import run_cli
+from tests.helpers.data import rows, to_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -176,6 +181,22 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
 
 def resolved(service: dict[str, Any], variables: Mapping[str, str]) -> dict[str, str]:
     return {k: interpolate(v, variables) for k, v in environment(service).items()}
+
+
+def container_environment(
+    service: dict[str, Any], dotenv: Mapping[str, str], shell: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment docker compose gives a service's container, with `dotenv` as the
+    project's .env and `shell` as the variables exported where compose runs: the service's
+    env_file as written, then its `environment:` interpolated from the shell and .env (the
+    shell wins), on top (the documented precedence)."""
+    env: dict[str, str] = {}
+    env_files = service.get("env_file") or []
+    for env_file in [env_files] if isinstance(env_files, str) else env_files:
+        assert env_file == ".env", "the job reads the project's .env"
+        env.update(dotenv)
+    env.update(resolved(service, {**dotenv, **(shell or {})}))
+    return env
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -326,59 +347,197 @@ def test_batch_and_ml_api_run_the_image_built_here(services: dict[str, Any]) -> 
         assert grace and int(grace.group(1)) >= 60
 
 
-def test_batch_environment_is_exactly_the_settings(services: dict[str, Any]) -> None:
-    env = environment(services["batch"])
-    assert sorted(env) == sorted(JOB_SETTINGS), "batch must pass every setting, and only those"
-    for name, value in env.items():
-        assert value.startswith(f"${{{name}:-"), f"{name} must come from .env: {value!r}"
-    nightly = environment(services["nightly"])
-    assert {k: v for k, v in nightly.items() if k in env} == env
+CREDENTIALS = {"PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+def test_batch_takes_every_setting_from_env_file(services: dict[str, Any]) -> None:
+    example = read_env_file(ENV_EXAMPLE)
+    for name in ("batch", "nightly"):
+        service = services[name]
+        assert service["env_file"] == ".env", f"{name} reads the job's settings from .env"
+        env = environment(service)
+        # Only the stack's credentials are interpolated, no setting of the job.
+        assert set(env) >= CREDENTIALS, name
+        assert not set(env) & set(Settings.model_fields), f"{name} interpolates a setting"
+        assert set(env) - CREDENTIALS <= {"NIGHTLY_AT"}
+        job = container_environment(service, example)
+        missing = set(JOB_SETTINGS) - set(job)
+        assert not missing, f"{name} does not get {sorted(missing)}"
+
+
+def test_shell_variables_cannot_reach_the_job_settings(services: dict[str, Any]) -> None:
+    """A local quick start leaves ML_API_URL, DATABASE_URL and ENDPOINT_URL exported in
+    the shell; compose gives the shell precedence over .env only through ${VAR}."""
+    for name in ("batch", "nightly"):
+        used = set().union(*(referenced_variables(text) for text in strings(services[name])))
+        assert not used & set(Settings.model_fields), f"{name} interpolates {used}"
+        shell = {
+            "ML_API_URL": "http://localhost:8000",
+            "DATABASE_URL": "postgresql://me@localhost:5432/transactions",
+            "ENDPOINT_URL": "http://localhost:9000",
+            "SOURCE_URI": ".batch-pipeline/demo-data",
+            "KEY": "shell-key",
+            "SECRET": "shell-secret",
+            "API_MAX_WORKERS": "64",
+        }
+        job = load_settings(
+            environ=container_environment(services[name], read_env_file(ENV_EXAMPLE), shell)
+        )
+        assert job.ML_API_URL == "http://ml-api:8000"
+        assert job.database_url == "postgresql://batch@postgres:5432/transactions"
+        assert job.ENDPOINT_URL == "http://minio:9000"
+        assert job.SOURCE_URI == "s3://transactions/incoming/"
+        assert (job.KEY, job.SECRET, job.API_MAX_WORKERS) == (None, None, 5)
 
 
 def test_compose_defaults_are_the_settings_defaults_pointed_at_the_stack(
     services: dict[str, Any],
 ) -> None:
-    settings = load_settings(environ=resolved(services["batch"], {}))
+    env = container_environment(services["batch"], read_env_file(ENV_EXAMPLE))
+    settings = load_settings(environ=env)
     assert settings == Settings(
         SOURCE_URI="s3://transactions/incoming/",
-        KEY="minioadmin",
-        SECRET="minioadmin",  # type: ignore[arg-type]
         ENDPOINT_URL="http://minio:9000",
-        DATABASE_URL="postgresql://batch:batch@postgres:5432/transactions",  # type: ignore[arg-type]
+        DATABASE_URL="postgresql://batch@postgres:5432/transactions",  # type: ignore[arg-type]
         ML_API_URL="http://ml-api:8000",
     )
-    assert settings.PUSHGATEWAY_URL is None
+    assert settings.PUSHGATEWAY_URL is None and settings.COMPLETED_WITH_ERRORS_EXIT_CODE == 3
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("minioadmin", "minioadmin")
+    assert env["PGPASSWORD"] == "batch"
+
+
+def test_env_example_points_the_job_at_its_own_stack() -> None:
+    """The job's settings are literal (env_file): they must agree with the stack's."""
+    example = read_env_file(ENV_EXAMPLE)
+    url = urlsplit(example["DATABASE_URL"])
+    assert url.username == example["POSTGRES_USER"] and url.password is None
+    assert (url.hostname, url.port, url.path) == ("postgres", 5432, "/" + example["POSTGRES_DB"])
+    assert example["SOURCE_URI"] == f"s3://{example['BUCKET']}/incoming/"
+    for name in JOB_SETTINGS:
+        assert "$" not in example[name], f"{name}: env_file values are not interpolated"
+
+
+SPECIAL_PASSWORD = "p@ss/w:rd#?% x"
 
 
 def test_the_stack_shares_one_set_of_credentials(services: dict[str, Any]) -> None:
     variables = {
         "POSTGRES_USER": "etl",
-        "POSTGRES_PASSWORD": "pg-pass",
+        "POSTGRES_PASSWORD": SPECIAL_PASSWORD,
         "POSTGRES_DB": "scoring",
         "MINIO_ROOT_USER": "root-user",
-        "MINIO_ROOT_PASSWORD": "root-pass",
+        "MINIO_ROOT_PASSWORD": "root/pass#word",
         "BUCKET": "nightly",
     }
-    job = load_settings(environ=resolved(services["batch"], variables))
-    assert job.database_url == "postgresql://etl:pg-pass@postgres:5432/scoring"
-    assert job.SOURCE_URI == "s3://nightly/incoming/"
-    assert job.KEY == "root-user"
-    assert job.SECRET is not None and job.SECRET.get_secret_value() == "root-pass"
+    # Every service gets the password raw: no URL-encoding anywhere.
     assert resolved(services["postgres"], variables) == {
         "POSTGRES_USER": "etl",
-        "POSTGRES_PASSWORD": "pg-pass",
+        "POSTGRES_PASSWORD": SPECIAL_PASSWORD,
         "POSTGRES_DB": "scoring",
     }
     flyway = resolved(services["flyway"], variables)
     assert flyway["FLYWAY_URL"] == "jdbc:postgresql://postgres:5432/scoring"
-    assert (flyway["FLYWAY_USER"], flyway["FLYWAY_PASSWORD"]) == ("etl", "pg-pass")
+    assert (flyway["FLYWAY_USER"], flyway["FLYWAY_PASSWORD"]) == ("etl", SPECIAL_PASSWORD)
     minio = resolved(services["minio"], variables)
-    assert (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]) == ("root-user", "root-pass")
+    assert (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"]) == (
+        "root-user",
+        "root/pass#word",
+    )
     assert resolved(services["createbuckets"], variables)["BUCKET"] == "nightly"
-    # A KEY / SECRET / DATABASE_URL of their own win over the stack's.
-    own = {**variables, "KEY": "k", "SECRET": "s", "DATABASE_URL": "postgresql://a:b@db/x"}
-    job = load_settings(environ=resolved(services["batch"], own))
+    dotenv = {
+        **read_env_file(ENV_EXAMPLE),
+        **variables,
+        "DATABASE_URL": "postgresql://etl@postgres:5432/scoring",
+        "SOURCE_URI": "s3://nightly/incoming/",
+    }
+    env = container_environment(services["batch"], dotenv)
+    assert env["PGPASSWORD"] == SPECIAL_PASSWORD  # libpq's variable, raw
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        "root-user",
+        "root/pass#word",
+    )
+    job = load_settings(environ=env)
+    assert job.database_url == "postgresql://etl@postgres:5432/scoring"
+    assert (job.KEY, job.SECRET) == (None, None)  # so boto3 reads AWS_ACCESS_KEY_ID / ...
+    # A KEY / SECRET / DATABASE_URL of their own in .env win over the stack's.
+    own = {**dotenv, "KEY": "k", "SECRET": "s", "DATABASE_URL": "postgresql://a:b@db/x"}
+    job = load_settings(environ=container_environment(services["batch"], own))
     assert (job.KEY, job.database_url) == ("k", "postgresql://a:b@db/x")
+
+
+@pytest.fixture(scope="module")
+def password_server() -> Iterator[str]:
+    """A PostgreSQL that checks passwords (scram-sha-256), unlike the suite's trust-auth
+    server: its superuser keeps trust on the socket to set things up; every other role
+    must give its password. Returns the socket folder."""
+    import tempfile
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    folder = Path(tempfile.mkdtemp(prefix="batch-pipeline-test-pg-auth-")) / "data"
+    server = pgserver.get_server(folder, cleanup_mode="delete")
+    try:
+        admin = server.get_uri()
+        socket_dir = conninfo_to_dict(admin)["host"]
+        (folder / "pg_hba.conf").write_text(
+            "local all postgres trust\nlocal all all scram-sha-256\n", encoding="utf-8"
+        )
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(
+                sql.SQL("CREATE ROLE etl LOGIN PASSWORD {}").format(sql.Literal(SPECIAL_PASSWORD))
+            )
+            conn.execute("CREATE DATABASE scoring OWNER etl")
+            conn.execute("SELECT pg_reload_conf()")
+        yield str(socket_dir)
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def test_any_password_works_raw_through_pgpassword(
+    services: dict[str, Any], password_server: str, model_url: str, tmp_path: Path
+) -> None:
+    """The batch service's DATABASE_URL (no password) and PGPASSWORD (POSTGRES_PASSWORD,
+    raw), against a server that checks the password: the real job connects, migrates and
+    writes, and never prints the password."""
+    dotenv = {
+        **read_env_file(ENV_EXAMPLE),
+        "POSTGRES_USER": "etl",
+        "POSTGRES_PASSWORD": SPECIAL_PASSWORD,
+        "POSTGRES_DB": "scoring",
+    }
+    compose_env = container_environment(services["batch"], dotenv)
+    assert compose_env["PGPASSWORD"] == SPECIAL_PASSWORD
+    # The stack's host is `postgres`; here the server is on a local socket.
+    url = f"postgresql://etl@/scoring?host={password_server}"
+    source = tmp_path / "in.csv"
+    source.write_text(to_csv(rows(20)), encoding="utf-8")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PG")},
+        "DATABASE_URL": url,
+        "PGPASSWORD": compose_env["PGPASSWORD"],
+        "ML_API_URL": model_url,
+        "SOURCE_URI": str(source),
+    }
+    done = run_cli(["run", "--migrate"], env)
+    assert done.code == 0, done.output
+    assert "20 read, 20 valid, 0 invalid, 20 scored" in done.stdout
+    with psycopg.connect(url, password=SPECIAL_PASSWORD) as conn:
+        assert conn.execute("SELECT count(*) FROM predictions").fetchone() == (20,)
+    assert SPECIAL_PASSWORD not in done.output
+    # PGPASSWORD is redacted like the settings' secrets, even from a database error.
+    echoed = run_cli(["query", f'SELECT 1 FROM "{SPECIAL_PASSWORD}"'], env)
+    assert echoed.code == 1 and 'relation "***" does not exist' in echoed.stderr, echoed.output
+    assert SPECIAL_PASSWORD not in echoed.output
+    # The server does check it: a wrong or missing password is refused.
+    for wrong in ({"PGPASSWORD": "p@ss/w:rd#?%"}, {"PGPASSWORD": ""}):
+        refused = run_cli(["status"], {**env, **wrong})
+        assert refused.code == 1, refused.output
+        assert "cannot connect to the database at postgresql://etl@/scoring" in refused.stderr
+        assert SPECIAL_PASSWORD not in refused.output
 
 
 def test_no_secret_is_written_in_compose(compose: dict[str, Any]) -> None:
@@ -406,7 +565,7 @@ def test_no_secret_is_written_in_compose(compose: dict[str, Any]) -> None:
 def test_pushgateway_is_optional(services: dict[str, Any]) -> None:
     assert services["pushgateway"]["profiles"] == ["monitoring"]
     assert services["pushgateway"]["image"].startswith("prom/pushgateway:")
-    assert environment(services["batch"])["PUSHGATEWAY_URL"] == "${PUSHGATEWAY_URL:-}"
+    assert read_env_file(ENV_EXAMPLE)["PUSHGATEWAY_URL"] == ""
     # `up` starts the stack, not a run; `run --rm batch` starts a service of any profile.
     assert services["batch"]["profiles"] == ["job"]
     assert services["nightly"]["profiles"] == ["nightly"]
@@ -419,10 +578,10 @@ def test_createbuckets_creates_the_bucket_and_uploads(
 ) -> None:
     service = services["createbuckets"]
     assert service["entrypoint"] == ["/bin/sh", "-c"]
-    assert any(v.endswith(":/incoming:ro") for v in service["volumes"])
     script = interpolate(service["command"][0], {})
     incoming = tmp_path / "incoming"
     incoming.mkdir()
+    (incoming / ".gitkeep").touch()  # as in the repository's ./incoming
     script = script.replace(" /incoming ", f" {incoming} ")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -442,13 +601,39 @@ def test_createbuckets_creates_the_bucket_and_uploads(
         assert done.returncode == 0, done.stderr
         return calls.read_text().splitlines()
 
+    mirror = f"mirror --overwrite --exclude *.gitkeep {incoming} store/transactions/incoming"
     assert run() == [
         "alias set store http://minio:9000 u p",
         "mb --ignore-existing store/transactions",
+        mirror,  # uploads nothing: .gitkeep is excluded
         "ls --recursive store/transactions/incoming/",
     ]
     (incoming / "day1.csv").write_text("transaction_id\n")
-    assert f"mirror --overwrite {incoming} store/transactions/incoming" in run()
+    assert mirror in run()
+
+
+def test_incoming_folder_exists_before_compose_up(services: dict[str, Any]) -> None:
+    """A bind mount of a missing folder makes the Docker daemon create it, owned by root,
+    where the user cannot copy files. ./incoming is committed; another INCOMING_DIR that
+    does not exist is refused (long syntax, create_host_path: false)."""
+    (volume,) = services["createbuckets"]["volumes"]
+    assert volume["type"] == "bind" and volume["target"] == "/incoming"
+    assert volume["read_only"] is True
+    assert volume["bind"]["create_host_path"] is False
+    assert interpolate(volume["source"], {}) == "./incoming"
+    assert interpolate(volume["source"], read_env_file(ENV_EXAMPLE)) == "./incoming"
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "incoming/.gitkeep"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert tracked.returncode == 0, "incoming/.gitkeep must be committed: " + tracked.stderr
+    # The user's files there are not picked up by git.
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "incoming/day1.csv"], cwd=ROOT, capture_output=True
+    )
+    assert ignored.returncode == 0
 
 
 def test_nightly_runs_every_day_and_forwards_sigterm(
@@ -505,7 +690,8 @@ def test_env_example_lists_every_variable(compose: dict[str, Any]) -> None:
     assert not missing, f".env.example lacks {sorted(missing)}"
     used = set().union(*(referenced_variables(s) for s in strings(compose)))
     assert used - set(values) == set(), "every variable compose reads is in .env.example"
-    assert set(values) - used == set(), "every variable of .env.example is read by compose"
+    # The rest are the job's settings, which the batch service reads as written (env_file).
+    assert set(values) - used == set(JOB_SETTINGS), "every variable of .env.example is used"
     assert "EMBEDDED_DB_DIR" not in values
 
 
@@ -516,10 +702,15 @@ def test_env_example_documents_each_variable() -> None:
             assert i > 0 and lines[i - 1].startswith("# "), f"no comment above {line!r}"
 
 
-def test_env_example_values_are_the_defaults(services: dict[str, Any]) -> None:
-    example = load_settings(environ=resolved(services["batch"], read_env_file(ENV_EXAMPLE)))
-    defaults = load_settings(environ=resolved(services["batch"], {}))
-    assert example == defaults
+def test_env_example_values_are_the_defaults() -> None:
+    example = read_env_file(ENV_EXAMPLE)
+    stack = {"SOURCE_URI", "ENDPOINT_URL", "DATABASE_URL", "ML_API_URL"}
+    defaults = Settings()
+    for name in set(JOB_SETTINGS) - stack:
+        given = load_settings(environ={name: example[name]})
+        assert getattr(given, name) == getattr(defaults, name), name
+        if not example[name]:
+            assert Settings.model_fields[name].default is None, f"{name} is empty"
 
 
 # -- Dockerfile ---------------------------------------------------------------------
@@ -678,6 +869,45 @@ def test_cronjob_sets_only_real_settings() -> None:
     # The ConfigMap alone (with placeholder secrets) is a valid configuration.
     placeholders = {"KEY": "k", "SECRET": "s", "DATABASE_URL": "postgresql://u:p@db/transactions"}
     load_settings(environ={**configmap["data"], **placeholders})
+
+
+# podFailurePolicy is GA from 1.31; the newest schema kubernetes-validate ships is checked too.
+OLDEST_KUBERNETES = "1.31.0"
+
+
+def test_manifests_match_the_kubernetes_schemas() -> None:
+    """Every manifest against the API schemas (offline, strict: an unknown or misplaced
+    field is an error), for the oldest Kubernetes they need and the newest known."""
+    from kubernetes_validate import ValidationError, latest_version, validate
+
+    manifests = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+    assert {m.name for m in manifests} >= {CRONJOB.name, CONFIGMAP.name, SECRET_EXAMPLE.name}
+    for manifest in manifests:
+        for document in yaml.safe_load_all(manifest.read_text(encoding="utf-8")):
+            for version in (OLDEST_KUBERNETES, latest_version()):
+                validate(document, version, strict=True)
+    # Strict indeed: a misspelt field of the CronJob is refused.
+    cron = load_yaml(CRONJOB)
+    cron["spec"]["jobTemplate"]["spec"]["backofLimit"] = 2
+    with pytest.raises(ValidationError):
+        validate(cron, latest_version(), strict=True)
+
+
+def test_cronjob_counts_a_night_with_errors_as_a_success() -> None:
+    """Any exit but 0 is a failed pod to a Job (and a retry): the ConfigMap makes
+    completed_with_errors exit 0. Only the codes a retry cannot fix fail the Job at once."""
+    configmap = load_yaml(CONFIGMAP)
+    settings = load_settings(
+        environ={**configmap["data"], "DATABASE_URL": "postgresql://u@db/transactions"}
+    )
+    assert settings.COMPLETED_WITH_ERRORS_EXIT_CODE == 0
+    rules = load_yaml(CRONJOB)["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
+    (fail_job,) = [r for r in rules if r["action"] == "FailJob"]
+    assert fail_job["onExitCodes"] == {
+        "containerName": cronjob_container()["name"],
+        "operator": "In",
+        "values": [2, 4],
+    }
 
 
 # -- Prometheus ---------------------------------------------------------------------

@@ -95,6 +95,47 @@ def test_mixed_file_lands_exactly(
     assert "Pipeline complete: 3 processed, 0 failed, 2 invalid" in result.stderr
 
 
+@pytest.mark.parametrize(("setting", "expected"), [(None, 3), ("0", 0), ("3", 3)])
+def test_completed_with_errors_exit_code_is_a_setting(
+    bucket: Bucket,
+    cli_env: dict[str, str],
+    database: Database,
+    tmp_path: Path,
+    setting: str | None,
+    expected: int,
+) -> None:
+    """A night with a few invalid rows exits 3 by default; with the setting at 0 (for
+    Kubernetes, where any other code is a failed pod and a retry) it exits 0, and the
+    status stays completed_with_errors in the ledger, the summary and the metrics."""
+    bucket.put("in/a.csv", to_csv([row(1), row(2, amount="-4.00"), row(3)]))
+    metrics = tmp_path / "batch.prom"
+    env = {**cli_env, "MAX_INVALID_RATIO": "0.5", "METRICS_TEXTFILE": str(metrics)}
+    if setting is not None:
+        env["COMPLETED_WITH_ERRORS_EXIT_CODE"] = setting
+    result = run(env, "--source", bucket.uri("in/"))
+    assert result.code == expected, result.output
+    assert f"status:        completed_with_errors (exit {expected})" in result.stdout
+    assert database.rows(
+        "SELECT status, rows_invalid, summary->>'status', (summary->>'exit_code')::int"
+        " FROM pipeline_runs"
+    ) == [("completed_with_errors", 1, "completed_with_errors", expected)]
+    assert 'batch_pipeline_run_status{status="completed_with_errors"} 1.0' in metrics.read_text()
+    assert database.value("SELECT count(*) FROM invalid_rows") == 1
+
+
+def test_completed_with_errors_exit_code_leaves_the_other_codes(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    env = {**cli_env, "COMPLETED_WITH_ERRORS_EXIT_CODE": "0", "MAX_INVALID_RATIO": "0.1"}
+    bucket.put("in/a.csv", to_csv([row(1), row(2, amount="-4.00"), row(3)]))
+    crossed = run(env, "--source", bucket.uri("in/"))
+    assert crossed.code == 4, crossed.output  # a threshold still fails the Job at once
+    assert database.value("SELECT status FROM pipeline_runs") == "failed"
+    bad = run({**env, "COMPLETED_WITH_ERRORS_EXIT_CODE": "1"}, "--source", bucket.uri("in/"))
+    assert bad.code == 2, bad.output
+    assert "COMPLETED_WITH_ERRORS_EXIT_CODE: must be 0 or 3 (got '1')" in bad.stderr
+
+
 def test_gzip_and_zstd_objects(bucket: Bucket, cli_env: dict[str, str], database: Database) -> None:
     bucket.put("in/1.csv.gz", gz(to_csv(rows(30))))
     bucket.put("in/2.csv.zst", zst(to_csv(rows(20, start=30))))
@@ -318,6 +359,7 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     import sys
 
     env = {k: v for k, v in cli_env.items() if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR")}
+    env["UV"] = "/usr/local/bin/uv"  # as `python3 -m uv run` sets it
     demo = subprocess.run(
         [sys.executable, "-m", "pipeline.batch.main", "demo", "--rows", "600"],
         cwd=tmp_path,
@@ -329,7 +371,10 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "completed_with_errors" in demo.stdout or "completed (exit 0)" in demo.stdout
     assert "600 read" in demo.stdout
-    assert 'batch-pipeline query "SELECT prediction, COUNT(*)' in demo.stdout
+    # The command the user can paste: --no-dev, like the README's, installs no dev tools.
+    assert 'python3 -m uv run --no-dev batch-pipeline query "SELECT prediction, COUNT(*)' in (
+        demo.stdout
+    )
     assert str(tmp_path / ".batch-pipeline" / "postgres") in demo.stdout
     query = subprocess.run(
         [

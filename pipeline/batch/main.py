@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from library import db, logs
-from library.config import Settings, load_settings
+from library.config import Settings, client_secrets, load_settings
 from library.errors import (
     EXIT_FAILED,
     EXIT_SIGINT,
@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"batch-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logs.setup_logging(settings.LOG_LEVEL, settings.secret_values(), settings.LOG_FORMAT)
+    secrets = settings.secret_values() + client_secrets()
+    logs.setup_logging(settings.LOG_LEVEL, secrets, settings.LOG_FORMAT)
     try:
         if args.command == "run":
             return cmd_run(args, settings)
@@ -320,8 +321,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print_summary(report)
     if report.status not in ("completed", "completed_with_errors"):
         return report.exit_code
-    # Started by `python3 -m uv run` (uv sets UV): batch-pipeline is not on the PATH.
-    command = "python3 -m uv run batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
+    # Started by `python3 -m uv run --no-dev` (uv sets UV): batch-pipeline is not on the
+    # PATH. --no-dev as in the README's command, or uv would add the dev tools to the venv.
+    command = (
+        "python3 -m uv run --no-dev batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
+    )
     print(
         f"\nThe sample has about 1% invalid rows and 1% duplicates on purpose: see invalid_rows.\n"
         f"Look at the predictions:\n\n"
