@@ -79,6 +79,7 @@ class RunReport:
     flush_seconds: float = 0.0
     concurrency: dict[str, Any] | None = None
     stage_times: StageTimes | None = None
+    progress: dict[str, Any] | None = None  # ProgressSamples.as_dict(): the run over time
 
     @property
     def seconds(self) -> float:
@@ -104,6 +105,7 @@ class RunReport:
             "flush_seconds": round(self.flush_seconds, 3),
             "concurrency": self.concurrency,
             "stage_times": self.stage_times.as_dict() if self.stage_times else None,
+            "progress": self.progress,
             "error": self.error,
         }
 
@@ -209,6 +211,7 @@ class Run:
         self.outcomes: list[ObjectOutcome] = []
         self.started = time.time()
         self.flow: ScoreAndWrite | None = None
+        self.reporter: Reporter | None = None
         self.live = LiveState()
         self.metrics = RunMetrics(
             settings.METRICS_JOB, settings.PUSHGATEWAY_URL, settings.METRICS_TEXTFILE
@@ -274,11 +277,12 @@ class Run:
             lambda: flow.sink.run.counts,
             self.metrics,
             on_tick=publish_tick,
+            concurrency=lambda: flow.client.limiter.limit,
         )
+        self.reporter = reporter
         try:
             flow.start()
-            if reporter.needed:
-                reporter.start()
+            reporter.start()
             self._feed(objects, ledger, run_id, s3, flow)
         except Stopping:
             pass
@@ -383,6 +387,7 @@ class Run:
             flush_seconds=flow.sink.run.flush_seconds if flow else 0.0,
             concurrency=flow.concurrency() if flow else None,
             stage_times=self._stage_times(),
+            progress=self.reporter.samples.as_dict() if self.reporter else None,
         )
 
     def _stage_times(self) -> StageTimes | None:
