@@ -25,7 +25,7 @@ from typing import Any
 
 WIDTH, HEIGHT = 880, 220
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 14, 44
-LABEL_CHARS = 64  # bar labels longer than this are cut (the full text is in the tooltip)
+LABEL_CHARS = 62  # bar labels longer than this are cut (the full text is in the tooltip)
 
 BLUE, RED, GREY, AMBER, GREEN = "#3b6fb6", "#c8413b", "#9aa3ad", "#d99a1e", "#3e9a52"
 STATUS_COLOURS = {
@@ -185,7 +185,7 @@ def _hbars(
     items: Sequence[tuple[str, float, str]], fmt: Callable[[float], str] = _num
 ) -> tuple[list[str], int]:
     """Horizontal bars, label on the left: (label, value, colour) each."""
-    row, label_width = 22, 330
+    row, label_width = 22, 400
     height = TOP + row * len(items) + 8
     top = _nice_max(max((v for _, v, _ in items), default=0))
     span = WIDTH - RIGHT - label_width - 70
@@ -491,13 +491,7 @@ def render_html(report: dict[str, Any]) -> str:
     invalid = [
         (f"{g['column_name']}: {g['reason']}", float(g["rows"])) for g in report["invalid_reasons"]
     ]
-    failures = [
-        (
-            f"HTTP {f['http_status'] if f['http_status'] is not None else '-'}: {f['reason']}",
-            float(f["transactions"]),
-        )
-        for f in report["failures"]
-    ]
+    failures = [(str(f["reason"]), float(f["transactions"])) for f in report["failures"]]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -185,6 +185,8 @@ def test_html_report_escapes_everything() -> None:
     assert elements.tags.isdisjoint({"img", "script", "a", "link", "iframe", "object"})
     assert not [a for a in elements.attrs if a[1].startswith("on")]
     assert IMG in "".join(elements.text)  # shown, as text
+    assert 'data-chart="throughput"><figcaption>Throughput over the run</figcaption>' in page
+    assert "not recorded for this run" in page  # no progress samples: said, not a blank chart
     assert no_network_reference(page) == []
 
 
