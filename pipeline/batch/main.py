@@ -302,7 +302,9 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     if args.output:
         with open(args.output, "w", encoding="utf-8") as out:
             out.write(text)
-        log.info("wrote the %s report of %s to %s", args.format, report["run"]["run_id"], args.output)
+        log.info(
+            "wrote the %s report of %s to %s", args.format, report["run"]["run_id"], args.output
+        )
     else:
         sys.stdout.write(text)
     return 0
