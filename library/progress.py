@@ -11,7 +11,8 @@ PROGRESS:
 
 Object sizes come from the listing, so the ETA (bytes left / bytes per second)
 is real from the first seconds. The same thread publishes the metrics every
-PROGRESS_INTERVAL.
+PROGRESS_INTERVAL, and samples the run's progress (whatever PROGRESS is) for the
+charts of `report --format html`: throughput and concurrency over the run.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from library.source import CountingReader
 log = logging.getLogger("batch_pipeline.progress")
 
 BAR_REFRESH_SECONDS = 0.5
+SAMPLE_SECONDS = 1.0  # at most this long between two progress samples
+MAX_SAMPLES = 200  # samples kept in the run's summary (thinned evenly beyond that)
 
 
 @dataclass
@@ -106,6 +109,41 @@ def describe(s: dict[str, Any]) -> str:
     )
 
 
+class ProgressSamples:
+    """The run's progress over time: one point per tick, at most `cap` points kept.
+
+    A point is [elapsed seconds, rows read, rows written, concurrency]. When the
+    list is full, every other point is dropped and from then on only every
+    second tick is kept (the stride doubles), so the points stay evenly spread
+    over the whole run however long it is. The last point (the end) is always kept.
+    """
+
+    COLUMNS = ("elapsed_s", "rows_read", "rows_written", "concurrency")
+
+    def __init__(self, cap: int = MAX_SAMPLES) -> None:
+        self.cap = max(cap, 2)
+        self.points: list[list[float | int]] = []
+        self.stride = 1
+        self._ticks = 0
+        self._lock = threading.Lock()
+
+    def add(self, point: list[float | int], final: bool = False) -> None:
+        with self._lock:
+            if final or self._ticks % self.stride == 0:
+                self.points.append(point)
+                if len(self.points) > self.cap:
+                    last = self.points.pop() if final else None
+                    self.points = self.points[::2]
+                    if last is not None:
+                        self.points.append(last)
+                    self.stride *= 2
+            self._ticks += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {"columns": list(self.COLUMNS), "points": [list(p) for p in self.points]}
+
+
 class Reporter(threading.Thread):
     def __init__(
         self,
@@ -115,6 +153,7 @@ class Reporter(threading.Thread):
         written: Callable[[], Counts],
         metrics: RunMetrics | None = None,
         on_tick: Callable[[], None] | None = None,
+        concurrency: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(name="progress", daemon=True)
         self.mode = resolve_mode(mode)
@@ -123,35 +162,52 @@ class Reporter(threading.Thread):
         self.written = written
         self.metrics = metrics
         self.on_tick = on_tick
+        self.concurrency = concurrency
+        self.samples = ProgressSamples()
         self._halt = threading.Event()
         self._bar: Any = None
         self._task: Any = None
 
-    @property
-    def needed(self) -> bool:
-        return self.mode in ("bar", "log") or bool(self.metrics and self.metrics.enabled)
-
     def run(self) -> None:
         if self.mode == "bar":
             self._open_bar()
-        tick = BAR_REFRESH_SECONDS if self.mode == "bar" else self.interval
-        last_publish = time.monotonic()
+        every = min(self.interval, SAMPLE_SECONDS)
+        tick = BAR_REFRESH_SECONDS if self.mode == "bar" else every
+        last_publish = last_log = last_sample = time.monotonic()
+        self._sample()
         try:
             while not self._halt.wait(tick):
+                now = time.monotonic()
+                if now - last_sample >= every - tick / 2:
+                    self._sample()
+                    last_sample = now
                 s = snapshot(self.state, self.written())
                 if self.mode == "bar":
                     self._draw(s)
-                elif self.mode == "log":
+                elif self.mode == "log" and now - last_log >= self.interval - tick / 2:
                     log.info(
                         "Progress: %s", describe(s), extra={"progress": s, "stage": "progress"}
                     )
-                if time.monotonic() - last_publish >= self.interval:
+                    last_log = now
+                if now - last_publish >= self.interval - tick / 2:
                     self._publish()
                     last_publish = time.monotonic()
         finally:
             if self._bar is not None:
                 self._draw(snapshot(self.state, self.written()))
                 self._bar.stop()
+
+    def _sample(self, final: bool = False) -> None:
+        written = self.written()
+        self.samples.add(
+            [
+                round(time.monotonic() - self.state.started, 2),
+                self.state.rows_read,
+                written.scored + written.failed + written.invalid,
+                self.concurrency() if self.concurrency else 0,
+            ],
+            final=final,
+        )
 
     def _publish(self) -> None:
         if self.on_tick:
@@ -163,6 +219,7 @@ class Reporter(threading.Thread):
         self._halt.set()
         if self.is_alive():
             self.join(timeout=5)
+        self._sample(final=True)
 
     # -- the rich display --------------------------------------------------------
 

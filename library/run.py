@@ -80,6 +80,7 @@ class RunReport:
     concurrency: dict[str, Any] | None = None
     stage_times: StageTimes | None = None
     objects_found: int | None = None  # by the listing of SOURCE_URI; None: not listed
+    progress: dict[str, Any] | None = None  # ProgressSamples.as_dict(): the run over time
 
     @property
     def seconds(self) -> float:
@@ -106,6 +107,7 @@ class RunReport:
             "concurrency": self.concurrency,
             "stage_times": self.stage_times.as_dict() if self.stage_times else None,
             "objects_found": self.objects_found,
+            "progress": self.progress,
             "error": self.error,
         }
 
@@ -230,6 +232,7 @@ class Run:
         self.outcomes: list[ObjectOutcome] = []
         self.started = time.time()
         self.flow: ScoreAndWrite | None = None
+        self.reporter: Reporter | None = None
         self.live = LiveState()
         self.metrics = RunMetrics(
             settings.METRICS_JOB, settings.PUSHGATEWAY_URL, settings.METRICS_TEXTFILE
@@ -303,11 +306,12 @@ class Run:
             lambda: flow.sink.run.counts,
             self.metrics,
             on_tick=publish_tick,
+            concurrency=lambda: flow.client.limiter.limit,
         )
+        self.reporter = reporter
         try:
             flow.start()
-            if reporter.needed:
-                reporter.start()
+            reporter.start()
             self._feed(objects, ledger, run_id, s3, flow)
         except Stopping:
             pass
@@ -422,6 +426,7 @@ class Run:
             concurrency=flow.concurrency() if flow else None,
             stage_times=self._stage_times(),
             objects_found=self.objects_found,
+            progress=self.reporter.samples.as_dict() if self.reporter else None,
         )
 
     def _stage_times(self) -> StageTimes | None:

@@ -93,9 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id", nargs="?", metavar="RUN_ID")
     add_settings_flags(status)
 
-    report = commands.add_parser("report", help="write a run's summary report")
-    report.add_argument("run_id", metavar="RUN_ID")
-    report.add_argument("--format", choices=["json", "markdown", "csv"], default="markdown")
+    report = commands.add_parser("report", help="write a run's report (default: the latest run)")
+    report.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    report.add_argument(
+        "--format",
+        choices=["json", "markdown", "csv", "html"],
+        default="markdown",
+        help="html: one self-contained page of charts (no network needed to open it)",
+    )
     report.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
     add_settings_flags(report)
 
@@ -295,11 +300,14 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from library.reports import RENDERERS, run_report
 
-    text = RENDERERS[args.format](read_only(settings, lambda c: run_report(c, args.run_id)))
+    report = read_only(settings, lambda c: run_report(c, args.run_id))
+    text = RENDERERS[args.format](report)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as out:
             out.write(text)
-        log.info("wrote the %s report of %s to %s", args.format, args.run_id, args.output)
+        log.info(
+            "wrote the %s report of %s to %s", args.format, report["run"]["run_id"], args.output
+        )
     else:
         sys.stdout.write(text)
     return 0

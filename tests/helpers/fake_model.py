@@ -24,6 +24,7 @@ class Knobs:
     retry_after: str | None = None  # header sent with fail_status
     poison_ids: set[str] = field(default_factory=set)  # any request holding one -> poison_status
     poison_status: int = 422
+    poison_error: str = "cannot score {id}"  # the error body's message ({id}: the poisoned id)
     malformed_times: int = 0  # answer the next N requests with a malformed body
     malformed_kind: str = "not_json"  # not_json | missing_id | extra_id | bad_score | no_version
     hang_times: int = 0  # the next N requests sleep hang_seconds before answering
@@ -121,7 +122,7 @@ class FakeModel:
             return k.fail_status, {"error": "try again"}, headers
         poisoned = sorted(set(ids) & k.poison_ids)
         if poisoned:
-            return k.poison_status, {"error": f"cannot score {poisoned[0]}"}, {}
+            return k.poison_status, {"error": k.poison_error.replace("{id}", poisoned[0])}, {}
         try:
             answer = predict(body, k.model_version)
         except RequestRejected as exc:
