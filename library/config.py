@@ -186,6 +186,20 @@ class Settings(BaseModel):
         le=3600,
         description="Seconds after which scored rows are flushed even if DB_ROW_BATCH_SIZE is not reached.",
     )
+    RUN_GROUP: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Workers started with the same RUN_GROUP share one listing of the source and "
+        "its objects (scale-out; on Kubernetes, the Job's controller-uid). Unset: a group of one.",
+    )
+    JOB_COMPLETION_INDEX: int | None = Field(
+        None,
+        ge=0,
+        le=100_000,
+        description="This worker's index in its run group (set by a Kubernetes Indexed Job): "
+        "where it starts in the listing, and its label in the metrics.",
+    )
     DB_RETRY_TIMEOUT: float = Field(
         DEFAULT_DB_RETRY_TIMEOUT,
         ge=0,

@@ -36,7 +36,8 @@ from library.models import Counts, SourceObject
 log = logging.getLogger(__name__)
 
 RunStatus = Literal["processing", "completed", "completed_with_errors", "failed", "interrupted"]
-ClaimStatus = Literal["new", "resume", "completed", "locked"]
+# finished: completed or failed by another worker of this run group (scale-out)
+ClaimStatus = Literal["new", "resume", "completed", "locked", "finished"]
 
 HEARTBEAT_SECONDS = 1.0  # how often a live run says so (and notices a dropped connection)
 # A run whose lock is free is only called abandoned once it has not beaten for this
@@ -147,7 +148,14 @@ class Ledger:
 
     # -- runs ------------------------------------------------------------------
 
-    def start_run(self, now: datetime, source_uri: str | None, settings: dict[str, Any]) -> str:
+    def start_run(
+        self,
+        now: datetime,
+        source_uri: str | None,
+        settings: dict[str, Any],
+        run_group: str | None = None,
+        worker_index: int | None = None,
+    ) -> str:
         """Insert the run row; the id is unique even for two runs started in one second.
 
         The run holds an advisory lock on its own id for as long as its connection
@@ -162,10 +170,17 @@ class Ledger:
             def insert(conn: psycopg.Connection[Any], run_id: str = run_id) -> bool:
                 with conn.transaction():
                     row = conn.execute(
-                        """INSERT INTO pipeline_runs (run_id, status, source_uri, settings)
-                           VALUES (%s, 'processing', %s, %s)
+                        """INSERT INTO pipeline_runs (run_id, status, source_uri, settings,
+                               run_group, worker_index)
+                           VALUES (%s, 'processing', %s, %s, %s, %s)
                            ON CONFLICT (run_id) DO NOTHING RETURNING run_id""",
-                        (run_id, source_uri, orjson.dumps(settings).decode()),
+                        (
+                            run_id,
+                            source_uri,
+                            orjson.dumps(settings).decode(),
+                            run_group,
+                            worker_index,
+                        ),
                     ).fetchone()
                     if row:
                         conn.execute(_LOCK, (run_lock_key(run_id),))
@@ -311,10 +326,20 @@ class Ledger:
 
     # -- objects ---------------------------------------------------------------
 
-    def claim(self, run_id: str, obj: SourceObject, reprocess: bool = False) -> Claim:
-        """Lock an object for this run, bump its fence, and say where to start reading it."""
+    def claim(
+        self,
+        run_id: str,
+        obj: SourceObject,
+        reprocess: bool = False,
+        run_group: str | None = None,
+    ) -> Claim:
+        """Lock an object for this run, bump its fence, and say where to start reading it.
+
+        With a run group, an object another worker of the group has already completed
+        or failed is `finished`: the group reads each object once (--reprocess too)."""
         claim = self.db.run(
-            f"claiming {obj.uri}", lambda conn: self._claim(conn, run_id, obj, reprocess)
+            f"claiming {obj.uri}",
+            lambda conn: self._claim(conn, run_id, obj, reprocess, run_group),
         )
         if claim.status in ("new", "resume"):
             self._held[object_lock_key(obj)] = obj
@@ -322,7 +347,12 @@ class Ledger:
         return claim
 
     def _claim(
-        self, conn: psycopg.Connection[Any], run_id: str, obj: SourceObject, reprocess: bool
+        self,
+        conn: psycopg.Connection[Any],
+        run_id: str,
+        obj: SourceObject,
+        reprocess: bool,
+        run_group: str | None,
     ) -> Claim:
         key = object_lock_key(obj)
         locked = conn.execute(_TRY_LOCK, (key,)).fetchone()
@@ -335,11 +365,20 @@ class Ledger:
             return Claim("locked", held_by=holder[0] if holder else None)
         try:
             row = conn.execute(
-                """SELECT status, checkpoint_line, rows_read, rows_valid, rows_invalid,
-                          rows_scored, rows_failed
-                   FROM source_objects WHERE source_uri = %s AND source_version = %s""",
+                """SELECT s.status, s.checkpoint_line, s.rows_read, s.rows_valid,
+                          s.rows_invalid, s.rows_scored, s.rows_failed, s.run_id, p.run_group
+                   FROM source_objects s LEFT JOIN pipeline_runs p USING (run_id)
+                   WHERE s.source_uri = %s AND s.source_version = %s""",
                 (obj.uri, obj.version),
             ).fetchone()
+            if (
+                row is not None
+                and run_group is not None
+                and row[8] == run_group
+                and row[0] in ("completed", "failed")
+            ):
+                conn.execute(_UNLOCK, (key,))
+                return Claim("finished", checkpoint_line=row[1], held_by=row[7])
             if row is not None and row[0] == "completed" and not reprocess:
                 conn.execute(_UNLOCK, (key,))
                 return Claim("completed", checkpoint_line=row[1])

@@ -49,9 +49,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 class RunMetrics:
     def __init__(
-        self, job: str, pushgateway: str | None, textfile: Path | None, run_id: str = ""
+        self,
+        job: str,
+        pushgateway: str | None,
+        textfile: Path | None,
+        run_id: str = "",
+        worker: str | None = None,
     ) -> None:
         self.job = job
+        # A worker of a run group pushes under its own grouping key, so that N pods do
+        # not overwrite each other in the Pushgateway; the last-success timestamp is the
+        # group's, pushed under the job alone by the worker that finishes the group.
+        self.grouping = {"worker": worker} if worker is not None else {}
         self.pushgateway = pushgateway
         self.textfile = textfile
         self.started = time.monotonic()
@@ -155,15 +164,20 @@ class RunMetrics:
 
     # -- publishing --------------------------------------------------------------
 
-    def publish(self, final_status: str | None = None) -> None:
-        """Push and/or write the metrics; at the end, with the run's final status."""
+    def publish(self, final_status: str | None = None, succeeded: bool | None = None) -> None:
+        """Push and/or write the metrics; at the end, with the run's final status.
+
+        `succeeded` says whether to record the last success (default: the status is a
+        success); a worker of a run group passes whether the whole group succeeded."""
         if not self.enabled:
             return
         self.duration.set(time.monotonic() - self.started)
         success_registry = None
         if final_status is not None:
             self.set_status(final_status)
-            if final_status in SUCCESS_STATUSES:
+            if succeeded is None:
+                succeeded = final_status in SUCCESS_STATUSES
+            if succeeded:
                 success_registry = CollectorRegistry()
                 Gauge(LAST_SUCCESS, "When a run last succeeded.", registry=success_registry).set(
                     time.time()
@@ -176,7 +190,13 @@ class RunMetrics:
     def _push(self, success_registry: CollectorRegistry | None) -> None:
         assert self.pushgateway
         try:
-            pushadd_to_gateway(self.pushgateway, job=self.job, registry=self.registry, timeout=5)
+            pushadd_to_gateway(
+                self.pushgateway,
+                job=self.job,
+                registry=self.registry,
+                grouping_key=self.grouping,
+                timeout=5,
+            )
             if success_registry is not None:
                 pushadd_to_gateway(
                     self.pushgateway, job=self.job, registry=success_registry, timeout=5

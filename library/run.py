@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -33,6 +34,7 @@ from library.errors import (
     ThresholdExceededError,
 )
 from library.flow import ScoreAndWrite, Stopping, StopSignal, check_ratios
+from library.group import GroupStopped, RunGroup
 from library.ledger import Ledger, RunStatus
 from library.metrics import RunMetrics
 from library.models import Counts, SourceObject
@@ -177,6 +179,16 @@ def s3_client_for(settings: Settings) -> Any | None:
     return None
 
 
+def worker_label(settings: Settings) -> str | None:
+    """A worker's label in the metrics: its index, or (docker compose --scale, which sets
+    none) its host name; none for a group of one."""
+    if settings.RUN_GROUP is None:
+        return None
+    if settings.JOB_COMPLETION_INDEX is not None:
+        return str(settings.JOB_COMPLETION_INDEX)
+    return socket.gethostname()
+
+
 def require_run_settings(settings: Settings, options: RunOptions) -> None:
     if not settings.SOURCE_URI:
         raise ConfigError("SOURCE_URI is required: set it or pass --source s3://bucket/prefix/")
@@ -235,9 +247,13 @@ class Run:
         self.reporter: Reporter | None = None
         self.live = LiveState()
         self.metrics = RunMetrics(
-            settings.METRICS_JOB, settings.PUSHGATEWAY_URL, settings.METRICS_TEXTFILE
+            settings.METRICS_JOB,
+            settings.PUSHGATEWAY_URL,
+            settings.METRICS_TEXTFILE,
+            worker=worker_label(settings),
         )
         self.objects_found: int | None = None
+        self.group_outcome: tuple[bool, int] | None = None  # (finished by this worker, code)
 
     def execute(self) -> RunReport:
         try:
@@ -251,40 +267,65 @@ class Run:
             self.metrics.set_objects_found(report.objects_found)
         for outcome in report.objects:
             self.metrics.observe_object(outcome.status)
-        self.metrics.publish(final_status=report.status)
+        succeeded = None
+        if self.group_outcome is not None:  # a worker of a run group: the group's success
+            finished, code = self.group_outcome
+            succeeded = finished and code in (EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS)
+        self.metrics.publish(final_status=report.status, succeeded=succeeded)
         return report
 
     def _execute(self) -> RunReport:
         with ledger_session(self.settings, self.options.migrate, "ledger") as (ledger, url, shown):
+            settings = self.settings
             run_id = ledger.start_run(
-                datetime.now(), self.settings.SOURCE_URI, self.settings.redacted()
+                datetime.now(),
+                settings.SOURCE_URI,
+                settings.redacted(),
+                settings.RUN_GROUP,
+                settings.JOB_COMPLETION_INDEX,
             )
             ledger.start_heartbeat()
+            group = RunGroup(ledger, settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX)
             logs.set_run(run_id)
             self.metrics.set_run(run_id)
             log.info("Starting batch pipeline")
             log.info("Pipeline Run ID: %s", run_id)
             error: PipelineError | None = None
+            if settings.RUN_GROUP is not None:
+                log.info(
+                    "Run group %s, worker %d", settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX or 0
+                )
             try:
-                self._process(ledger, url, run_id)
+                self._process(ledger, group, url, run_id)
             except PipelineError as exc:
                 error = exc
             except Exception as exc:  # a bug: record the run as failed all the same
                 log.exception("internal error")
                 error = PipelineError(f"internal error: {type(exc).__name__}: {exc}")
+            if error is not None and not isinstance(error, GroupStopped):
+                try:
+                    group.stop(run_id, error)
+                except PipelineError as exc:
+                    log.error("could not stop the run group: %s", exc)
             report = self._report(run_id, error, shown)
             finish_run(ledger, report)
+            try:
+                self.group_outcome = group.close_if_done(run_id)
+            except PipelineError as exc:
+                log.error("could not check whether the run group is finished: %s", exc)
             return report
         raise AssertionError("unreachable")
 
-    def _process(self, ledger: Ledger, url: str, run_id: str) -> None:
+    def _process(self, ledger: Ledger, group: RunGroup, url: str, run_id: str) -> None:
         settings = self.settings
-        assert settings.SOURCE_URI
+        source_uri = settings.SOURCE_URI
+        assert source_uri
         s3 = s3_client_for(settings)
-        objects = source.list_objects(settings.SOURCE_URI, s3)
+        group.raise_if_stopped()  # a retried worker must not let bad input through
+        objects = group.listing(
+            source_uri, lambda: source.list_objects(source_uri, s3), self.options.limit
+        )
         self.objects_found = len(objects)
-        if self.options.limit is not None:
-            objects = objects[: self.options.limit]
         ledger.set_objects_total(run_id, len(objects))
         self.live.objects_total = len(objects)
         self.live.bytes_total = sum(o.size or 0 for o in objects)
@@ -312,7 +353,7 @@ class Run:
         try:
             flow.start()
             reporter.start()
-            self._feed(objects, ledger, run_id, s3, flow)
+            self._feed(objects, ledger, group, run_id, s3, flow)
         except Stopping:
             pass
         finally:
@@ -323,14 +364,20 @@ class Run:
         check_ratios(flow.sink.run.counts, settings, final=True)
 
     def _feed(
-        self, objects: list[SourceObject], ledger: Ledger, run_id: str, s3: Any, flow: ScoreAndWrite
+        self,
+        objects: list[SourceObject],
+        ledger: Ledger,
+        group: RunGroup,
+        run_id: str,
+        s3: Any,
+        flow: ScoreAndWrite,
     ) -> None:
         chunk_number = 0
-        for obj in objects:
+        claims = group.claims(objects, run_id, self.options.reprocess, self.stop.event)
+        for obj, claim in claims:
             if self.stop.is_set():
                 return
             logs.set_context(obj.uri, None, "read")
-            claim = ledger.claim(run_id, obj, self.options.reprocess)
             if claim.status == "completed":
                 log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
                 self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
