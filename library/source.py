@@ -299,6 +299,7 @@ class HeaderMap:
 # Where the csv reader stands within a row, as far as quotes go: its own states
 # (dialect excel, strict off), and the end of the row.
 _FIELD_START, _UNQUOTED, _QUOTED, _QUOTE_IN_QUOTED, _ENDED = range(5)
+_QUOTED_TEXT = re.compile(r'[^"]*(?:""[^"]*)*')  # up to the quote that may close the field
 
 
 def _scan(state: int, text: str) -> tuple[int, int]:
@@ -313,10 +314,15 @@ def _scan(state: int, text: str) -> tuple[int, int]:
     pos = 0
     while pos < len(text):
         if state == _QUOTED:
-            i = text.find('"', pos)
-            if i < 0:
+            end = text.find('"', pos)
+            if end < 0:
                 return state, opened
-            state, pos = _QUOTE_IN_QUOTED, i + 1
+            if text.startswith('""', end):  # doubled quotes: skip them all at once
+                quoted = _QUOTED_TEXT.match(text, end)  # it matches "": never None
+                end = quoted.end() if quoted else end
+                if end == len(text):
+                    return state, opened
+            state, pos = _QUOTE_IN_QUOTED, end + 1
         elif state == _QUOTE_IN_QUOTED:
             char = text[pos]
             if char == '"':
