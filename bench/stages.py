@@ -44,7 +44,12 @@ def load_units(flow: ScoreAndWrite) -> list[WorkUnit]:
     chunk_number = 0
     for obj in source.list_objects(settings.SOURCE_URI, s3):
         with source.open_text(obj, s3) as (text, _):
-            for chunk in source.read_chunks(obj, text, settings.ROW_BATCH_SIZE):
+            for chunk in source.read_chunks(
+                obj,
+                text,
+                settings.ROW_BATCH_SIZE,
+                max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
+            ):
                 validated = validate_chunk(chunk)
                 validated.valid = flow.prepare(validated.valid, obj)
                 units.extend(

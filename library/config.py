@@ -29,6 +29,8 @@ from pydantic import (
 from library.errors import EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS, ConfigError
 
 DEFAULT_ROW_BATCH_SIZE = 5000
+DEFAULT_MAX_QUOTED_FIELD_CHARS = 8 * 1024 * 1024
+MIN_MAX_QUOTED_FIELD_CHARS = 128 * 1024  # source.MAX_ROW_CHARS: below it the limit cannot apply
 DEFAULT_API_BATCH_SIZE = 100
 DEFAULT_API_MAX_WORKERS = 5
 DEFAULT_DB_ROW_BATCH_SIZE = 1000
@@ -109,6 +111,13 @@ class Settings(BaseModel):
         ge=1,
         le=1_000_000,
         description="Rows read from the source per chunk.",
+    )
+    MAX_QUOTED_FIELD_CHARS: int = Field(
+        DEFAULT_MAX_QUOTED_FIELD_CHARS,
+        ge=MIN_MAX_QUOTED_FIELD_CHARS,
+        le=1 << 40,
+        description="A quoted field still open after this many characters fails its object as "
+        "an unterminated quote, naming the line where it opened (at least 131072).",
     )
     API_BATCH_SIZE: int = Field(
         DEFAULT_API_BATCH_SIZE, ge=1, le=100_000, description="Transactions per API request."

@@ -5,6 +5,8 @@
     +-- SchemaNotReadyError            2  the database lacks migrations; `migrate` or --migrate
     +-- SourceError                    1  an object cannot be listed or read; the run goes on
     |   +-- MissingColumnsError        3  an object refused: its header lacks a required column
+    |   +-- UnterminatedQuoteError     1  a quoted field never closes (or runs past
+    |                                     MAX_QUOTED_FIELD_CHARS): the object fails there
     +-- ApiError                          one request to the model API failed (never escapes
     |   |                                 the scoring client: it becomes retries or failed rows)
     |   +-- TransientApiError             retry: connection, timeout, 429, 5xx, malformed answer
@@ -63,6 +65,24 @@ class MissingColumnsError(SourceError):
         columns = ", ".join(missing)
         noun = "column" if len(missing) == 1 else "columns"
         super().__init__(f"{uri}: missing required {noun}: {columns}", uri)
+
+
+class UnterminatedQuoteError(SourceError):
+    """A quoted field is still open at the end of the object, or past the limit.
+
+    Nothing after the row that holds it can be read safely (where that row ends is
+    unknown), so the object fails there; the rows before it are kept.
+    """
+
+    def __init__(self, uri: str, quote_line: int, row_line: int, still_open: str) -> None:
+        self.quote_line = quote_line  # the physical line where the quote opened
+        self.row_line = row_line  # the line where the row holding it starts
+        super().__init__(
+            f"{uri}: line {quote_line}: unterminated quoted field: the quote opened there is "
+            f"still open {still_open} (an unmatched quote?); nothing from line {row_line} on "
+            "is read",
+            uri,
+        )
 
 
 class ApiError(PipelineError):

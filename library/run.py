@@ -403,7 +403,11 @@ class Run:
                 with source.open_text(obj, s3) as (text, counter):
                     self.live.begin_object(counter, obj.size)
                     chunks = source.read_chunks(
-                        obj, text, self.settings.ROW_BATCH_SIZE, claim.checkpoint_line
+                        obj,
+                        text,
+                        self.settings.ROW_BATCH_SIZE,
+                        claim.checkpoint_line,
+                        max_quoted_field_chars=self.settings.MAX_QUOTED_FIELD_CHARS,
                     )
                     while True:
                         began = time.perf_counter()
@@ -525,7 +529,12 @@ class DryRun:
                 outcomes.append(outcome)
                 try:
                     with source.open_text(obj, s3) as (text, _counter):
-                        for chunk in source.read_chunks(obj, text, settings.ROW_BATCH_SIZE):
+                        for chunk in source.read_chunks(
+                            obj,
+                            text,
+                            settings.ROW_BATCH_SIZE,
+                            max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
+                        ):
                             validated = validate_chunk(chunk)
                             c = Counts(
                                 read=chunk.rows_read,

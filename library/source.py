@@ -10,8 +10,15 @@ the file where it starts and its raw text, so that an invalid row can be shown
 exactly as it was written.
 
 Rows that cannot be split into the header's fields (wrong field count, bytes
-that are not UTF-8, NUL characters, an oversized field) become invalid rows
-here; everything else goes on to validation as text.
+that are not UTF-8, NUL characters, a row longer than MAX_ROW_CHARS) become
+invalid rows here; everything else goes on to validation as text.
+
+Memory never follows the length of a line: lines are read in pieces, and a row
+longer than MAX_ROW_CHARS is read to its end here (following its quotes as the
+csv reader would) without being kept or parsed. Text inside a quoted field never
+becomes a row: a quoted field still open at the end of the object, or after
+MAX_QUOTED_FIELD_CHARS characters, fails the object there (UnterminatedQuoteError),
+the rows before it being yielded first.
 """
 
 from __future__ import annotations
@@ -29,19 +36,23 @@ from typing import IO, Any
 
 import polars as pl
 
+from library.config import DEFAULT_MAX_QUOTED_FIELD_CHARS
 from library.contract import REQUIRED_COLUMNS
-from library.errors import MissingColumnsError, SourceError
+from library.errors import MissingColumnsError, SourceError, UnterminatedQuoteError
 from library.models import LINE_COLUMN, InvalidRow, Reason, RowChunk, SourceObject
 
 log = logging.getLogger(__name__)
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.zst")
 COMPRESSION_SUFFIXES = (".gz", ".zst")
-MAX_FIELD_CHARS = 128 * 1024  # a longer field is an invalid row, not a memory hazard
+MAX_ROW_CHARS = 128 * 1024  # a longer row is an invalid row, not a memory hazard
 MAX_RAW_TEXT_CHARS = 8 * 1024  # raw text kept for an invalid row
+LINE_PIECE_CHARS = 64 * 1024  # lines are read in pieces of at most this many characters
 ROW_REASON = "_row"
 
-csv.field_size_limit(MAX_FIELD_CHARS)
+# Rows longer than MAX_ROW_CHARS never reach the csv reader, so it never stops in
+# the middle of a field (and never resumes there, inside a quoted field).
+csv.field_size_limit(max(csv.field_size_limit(), 2 * MAX_ROW_CHARS))
 
 
 # -- listing -------------------------------------------------------------------
@@ -275,10 +286,13 @@ def open_text(obj: SourceObject, s3_client: Any | None) -> Iterator[tuple[IO[str
 # -- parsing -------------------------------------------------------------------
 
 
-def printable(text: str, limit: int = MAX_RAW_TEXT_CHARS) -> str:
-    """Text safe to store in PostgreSQL: undecodable bytes and NULs become U+FFFD."""
-    if len(text) > limit:
-        text = text[:limit] + f"... [{len(text) - limit} more characters]"
+def printable(text: str, limit: int = MAX_RAW_TEXT_CHARS, length: int | None = None) -> str:
+    """Text safe to store in PostgreSQL: undecodable bytes and NULs become U+FFFD.
+
+    `length` is the length of the whole text when `text` is only its beginning."""
+    length = len(text) if length is None else length
+    if length > limit:
+        text = text[:limit] + f"... [{length - limit} more characters]"
     if any("\udc80" <= ch <= "\udcff" or ch == "\x00" for ch in text):
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         text = text.replace("\x00", "\ufffd")
@@ -326,23 +340,243 @@ class HeaderMap:
         self.pick: Callable[[list[str]], tuple[str, ...]] = operator.itemgetter(*self.indices)
 
 
-class _LineRecorder:
-    """Feeds the csv reader line by line and keeps the lines of the current row."""
+# Where the csv reader stands within a row, as far as quotes go: its own states
+# (dialect excel, strict off), and the end of the row.
+_FIELD_START, _UNQUOTED, _QUOTED, _QUOTE_IN_QUOTED, _ENDED = range(5)
+_QUOTED_TEXT = re.compile(r'[^"]*(?:""[^"]*)*')  # up to the quote that may close the field
 
-    def __init__(self, text: IO[str]) -> None:
-        self._text = text
+
+def _scan(state: int, text: str) -> tuple[int, int]:
+    """The csv reader's state after `text`, a piece of one physical line (a line end
+    can only come last), and where in it the last quoted field opened (-1: none).
+
+    Only a quote at the start of a field opens a quoted field; in a quoted field a
+    doubled quote is a quote and a single one closes it; text after the closing
+    quote joins the field, unquoted. A line end outside a quoted field ends the row.
+    """
+    opened = -1
+    pos = 0
+    while pos < len(text):
+        if state == _QUOTED:
+            end = text.find('"', pos)
+            if end < 0:
+                return state, opened
+            if text.startswith('""', end):  # doubled quotes: skip them all at once
+                quoted = _QUOTED_TEXT.match(text, end)  # it matches "": never None
+                end = quoted.end() if quoted else end
+                if end == len(text):
+                    return state, opened
+            state, pos = _QUOTE_IN_QUOTED, end + 1
+        elif state == _QUOTE_IN_QUOTED:
+            char = text[pos]
+            if char == '"':
+                state = _QUOTED
+            elif char == ",":
+                state = _FIELD_START
+            elif char in "\r\n":
+                return _ENDED, opened
+            else:
+                state = _UNQUOTED
+            pos += 1
+        elif state == _FIELD_START and text[pos] == '"':
+            state, opened, pos = _QUOTED, pos, pos + 1
+        else:  # unquoted: the next quoted field can only open right after a comma
+            i = text.find(',"', pos)
+            if i < 0:
+                last = text[-1]
+                if last in "\r\n":
+                    return _ENDED, opened
+                return (_FIELD_START if last == "," else _UNQUOTED), opened
+            state, opened, pos = _QUOTED, i + 1, i + 2
+    return state, opened
+
+
+@dataclass(frozen=True)
+class LongRow:
+    """A row longer than MAX_ROW_CHARS, read to its end but not parsed."""
+
+    first_line: int
+    last_line: int
+    chars: int  # its length, line end excluded
+    head: str  # its first MAX_RAW_TEXT_CHARS characters
+    limit: int = MAX_ROW_CHARS
+
+    def invalid_row(self) -> InvalidRow:
+        lines = f" over lines {self.first_line}-{self.last_line}"
+        reason = (
+            f"row of {self.chars} characters{lines if self.last_line > self.first_line else ''}"
+            f" is longer than the limit of {self.limit}"
+        )
+        raw = printable(_strip_newline(self.head), length=self.chars)
+        return InvalidRow(self.first_line, raw, (Reason(ROW_REASON, reason),))
+
+
+class _LineRecorder:
+    """Feeds the csv reader whole physical lines and keeps the lines of the current row.
+
+    The csv reader asks for another line before it returns a row only when the row
+    is inside a quoted field: lines still held when it asks mean an open quote. So
+    the common path (a short line, a new row) costs a length check; the rare ones
+    (a line longer than a piece, a row inside a quoted field, the end of the
+    object) go through `_unusual`. A row longer than MAX_ROW_CHARS is not given to
+    the reader: `_skip_long_row` reads it to its end, keeping its head only, and
+    hands the reader a line that ends the row at once.
+    """
+
+    def __init__(
+        self,
+        text: IO[str],
+        uri: str,
+        max_quoted_field_chars: int,
+        *,
+        piece_chars: int = LINE_PIECE_CHARS,
+        max_row_chars: int = MAX_ROW_CHARS,
+    ) -> None:
+        if not 2 <= piece_chars <= max_row_chars <= max_quoted_field_chars:
+            raise ValueError("need 2 <= piece_chars <= max_row_chars <= max_quoted_field_chars")
+        self._readline = text.readline
+        self._uri = uri
+        self._max_quoted = max_quoted_field_chars
+        self._piece = piece_chars
+        self._max_row = max_row_chars
         self.lines: list[str] = []
+        self.first_line = 1  # the physical line where the current row starts
+        self.long_row: LongRow | None = None  # the current row, if too long to parse
+        self._held = 0  # characters in `lines` once it holds two or more (the rare path)
 
     def __iter__(self) -> Iterator[str]:
+        readline = self._readline
         lines = self.lines
-        for line in self._text:
+        piece = self._piece
+        line = readline(piece)
+        while True:
+            if lines or not line or len(line) == piece:
+                line, ahead = self._unusual(line)  # `ahead`: the next line's start, read already
+                if not line:
+                    return
+                lines.append(line)
+                yield line
+                line = ahead or readline(piece)
+                continue
             lines.append(line)
             yield line
+            line = readline(piece)
 
     def take(self) -> str:
-        raw = "".join(self.lines)
-        self.lines.clear()
+        """The current row's text; the next row starts on the next line."""
+        lines = self.lines
+        if self.long_row is not None:
+            raw = self.long_row.head
+            self.first_line = self.long_row.last_line + 1
+            self.long_row = None
+        else:
+            raw = "".join(lines)
+            self.first_line += len(lines)  # one physical line each
+        lines.clear()
         return raw
+
+    def _unusual(self, line: str) -> tuple[str, str]:
+        """The next line for the reader ("" at the end) and a piece read ahead."""
+        lines = self.lines
+        if not line:
+            if lines:  # the reader wants more of a quoted field: none will come
+                raise UnterminatedQuoteError(
+                    self._uri, self._open_quote_line(), self.first_line, "at the end of the object"
+                )
+            return "", ""
+        parts = [line]
+        size = (len(lines[0]) if len(lines) == 1 else self._held if lines else 0) + len(line)
+        ahead = ""
+        while len(line) == self._piece and line[-1] != "\n" and size <= self._max_row:
+            cut_at_cr = line[-1] == "\r"
+            line = self._readline(self._piece)
+            if cut_at_cr:  # the piece ended at a "\r": the "\n" of a cut "\r\n", or a new line
+                if line == "\n":
+                    parts.append(line)
+                    size += 1
+                else:
+                    ahead = line
+                break
+            if not line:
+                break
+            parts.append(line)
+            size += len(line)
+        if size > self._max_row:
+            return self._skip_long_row(parts, ahead)
+        self._held = size
+        return "".join(parts), ahead
+
+    def _open_quote_line(self) -> int:
+        """The line where the quoted field the held lines end in opened."""
+        state, line, quote_line = _FIELD_START, self.first_line, self.first_line
+        for piece in self.lines:
+            state, opened = _scan(state, piece)
+            if opened >= 0:
+                quote_line = line
+            if piece[-1] in "\r\n":
+                line += 1
+        return quote_line
+
+    def _skip_long_row(self, parts: list[str], ahead: str) -> tuple[str, str]:
+        """Read a row too long to parse to its end, following its quotes, keeping its head.
+
+        `parts` are the pieces of the current line read so far (not given to the
+        reader yet); `ahead` the start of the next line, if read already. Returns
+        the line that ends the row in the reader, and a piece read ahead.
+        """
+        pieces = [*self.lines, *parts]
+        if ahead:
+            pieces.append(ahead)
+        pieces.reverse()  # popped from the end
+        readline = self._readline
+        limit = self._max_quoted
+        chars = self._piece
+        state, line, size = _FIELD_START, self.first_line, 0
+        quote_line = quote_at = 0
+        head: list[str] = []
+        kept = 0
+        piece = ""
+        while True:
+            previous = piece
+            piece = pieces.pop() if pieces else readline(chars)
+            if not piece:  # the end of the object
+                if state == _QUOTED:
+                    raise UnterminatedQuoteError(
+                        self._uri, quote_line, self.first_line, "at the end of the object"
+                    )
+                last_line = line
+                break
+            if kept < MAX_RAW_TEXT_CHARS:
+                head.append(piece[: MAX_RAW_TEXT_CHARS - kept])
+                kept += len(head[-1])
+            if piece == "\n" and len(previous) == chars and previous[-1] == "\r":
+                size += 1  # the rest of a "\r\n" cut in two, inside a quoted field
+                continue
+            state, opened = _scan(state, piece)
+            if opened >= 0:
+                quote_line, quote_at = line, size + opened
+            size += len(piece)
+            if state == _ENDED:
+                last_line = line
+                size -= len(piece) - len(piece.rstrip("\r\n"))
+                if len(piece) == chars and piece[-1] == "\r":
+                    rest = pieces.pop() if pieces else readline(chars)
+                    if rest != "\n":
+                        pieces.append(rest)
+                break
+            if piece[-1] in "\r\n":
+                line += 1
+            if state == _QUOTED and size - quote_at > limit:
+                raise UnterminatedQuoteError(
+                    self._uri,
+                    quote_line,
+                    self.first_line,
+                    f"after {limit} characters (MAX_QUOTED_FIELD_CHARS), at line {line}",
+                )
+        self.long_row = LongRow(self.first_line, last_line, size, "".join(head), self._max_row)
+        # The reader holds this row's lines if it is inside a quoted field: close it.
+        end = '"\n' if self.lines else "\n"
+        return end, "".join(reversed(pieces))  # at most the next line's start
 
 
 def read_chunks(
@@ -350,14 +584,18 @@ def read_chunks(
     text: IO[str],
     row_batch_size: int,
     resume_after_line: int = 1,
+    *,
+    max_quoted_field_chars: int = DEFAULT_MAX_QUOTED_FIELD_CHARS,
 ) -> Iterator[RowChunk]:
     """Parse an object's text into chunks of at most `row_batch_size` rows.
 
     Rows starting at or before `resume_after_line` (a checkpoint) are skipped.
     Raises MissingColumnsError before yielding anything if the header lacks a
-    required column.
+    required column. Raises UnterminatedQuoteError where a quoted field never
+    closes (or stays open past `max_quoted_field_chars`), after yielding the rows
+    before it.
     """
-    recorder = _LineRecorder(text)
+    recorder = _LineRecorder(text, obj.uri, max_quoted_field_chars)
     reader = csv.reader(recorder, strict=False)
     try:
         header = next(reader, None)
@@ -366,6 +604,10 @@ def read_chunks(
     if header is None:
         log.warning("%s is empty: no header, no rows", obj.uri)
         return
+    if recorder.long_row is not None:
+        raise SourceError(
+            f"{obj.uri}: the header is longer than {MAX_ROW_CHARS} characters", obj.uri
+        )
     recorder.take()
     columns = HeaderMap(header, obj.uri)
 
@@ -375,16 +617,18 @@ def read_chunks(
     raws: list[str] = []
     malformed: list[InvalidRow] = []
     last_line = 1
-    line_before = reader.line_num  # lines consumed so far
 
     while True:
         try:
             row = next(reader)
         except StopIteration:
             break
+        except UnterminatedQuoteError:
+            if values or malformed:  # the rows before it are kept, with their checkpoint
+                yield _chunk(obj, chunk_index, values, lines, raws, malformed, last_line)
+            raise
         except csv.Error as exc:
-            start = line_before + 1
-            line_before = reader.line_num
+            start = recorder.first_line
             raw = recorder.take()
             if start > resume_after_line:
                 malformed.append(
@@ -392,23 +636,26 @@ def read_chunks(
                 )
                 last_line = start
             continue
-        start = line_before + 1
-        line_before = reader.line_num
+        start = recorder.first_line
+        long_row = recorder.long_row
         raw = recorder.take()
-        if not row:  # a blank line is not a row
-            continue
         if start <= resume_after_line:
             continue
-        last_line = start
-        problem = _row_problem(row, columns.width, raw)
-        if problem is not None:
-            malformed.append(
-                InvalidRow(start, stored_raw_text(raw), (Reason(ROW_REASON, problem),))
-            )
+        if long_row is not None:
+            malformed.append(long_row.invalid_row())
+        elif not row:  # a blank line is not a row
+            continue
         else:
-            values.append(columns.pick(row))
-            lines.append(start)
-            raws.append(raw)
+            problem = _row_problem(row, columns.width, raw)
+            if problem is not None:
+                malformed.append(
+                    InvalidRow(start, stored_raw_text(raw), (Reason(ROW_REASON, problem),))
+                )
+            else:
+                values.append(columns.pick(row))
+                lines.append(start)
+                raws.append(raw)
+        last_line = start
         if len(values) + len(malformed) >= row_batch_size:
             yield _chunk(obj, chunk_index, values, lines, raws, malformed, last_line)
             chunk_index += 1

@@ -426,3 +426,85 @@ def test_adaptive_concurrency_finds_the_capacity_of_the_service(
         retries[1] > 2 * retries[0]
         or database.value("SELECT count(*) FROM failed_transactions") > 0
     )
+
+
+# -- quotes: text inside a quoted field never becomes a row ---------------------------
+
+
+def test_a_csv_line_inside_a_long_quoted_field_is_never_stored_as_a_transaction(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    smuggled = to_csv([row(99, transaction_id="tx-SMUGGLED", amount="9999.00")]).splitlines()[1]
+    filler = ("y" * 999 + "\n") * 70
+    field = filler + smuggled + "\n" + filler  # 140 KB, a whole CSV row among its lines
+    uri = bucket.put("in/a.csv", to_csv([row(1), row(2, account_id=field), row(3)]))
+    result = run(cli_env, "--source", uri, "--max-invalid-ratio", "1")
+    assert result.code == 3, result.output
+    assert database.rows("SELECT transaction_id, source_line FROM transactions ORDER BY 1") == [
+        ("tx-000001", 2),
+        ("tx-000003", 145),
+    ]
+    [(line, raw, reasons)] = database.rows(
+        "SELECT line_number, raw_text, reasons FROM invalid_rows"
+    )
+    assert line == 3 and raw.startswith("tx-000002,") and "SMUGGLED" not in raw
+    assert reasons[0]["message"].endswith("over lines 3-144 is longer than the limit of 131072")
+    assert database.rows(
+        "SELECT status, rows_read, rows_valid, rows_invalid, rows_scored FROM pipeline_runs"
+    ) == [("completed_with_errors", 3, 2, 1, 2)]
+    assert database.rows("SELECT status, rows_read FROM source_objects") == [("completed", 3)]
+
+
+def test_an_unclosed_quote_fails_its_object_keeps_the_rows_before_and_the_run_goes_on(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    lines = to_csv(rows(3000)).splitlines(keepends=True)
+    lines[10] = lines[10].replace(",acc-", ',"acc-', 1)  # row 10 of 3,000, line 11: a stray quote
+    bad = bucket.put("in/a.csv", "".join(lines))
+    good = bucket.put("in/b.csv", to_csv(rows(5, start=5000)))
+    message = (
+        f"{bad}: line 11: unterminated quoted field: the quote opened there is still open"
+        " at the end of the object (an unmatched quote?); nothing from line 11 on is read"
+    )
+    for _ in ("first run", "rerun: resumes the failed object and fails it again"):
+        result = run(cli_env, "--source", bucket.uri("in/"))
+        assert result.code == 1, result.output
+        assert message in result.stderr
+        assert database.rows(
+            "SELECT source_uri, status, checkpoint_line, rows_read, rows_valid, rows_invalid,"
+            " rows_scored, error FROM source_objects ORDER BY 1"
+        ) == [(bad, "failed", 10, 9, 9, 0, 9, message), (good, "completed", 6, 5, 5, 0, 5, None)]
+    assert database.rows(
+        "SELECT transaction_id FROM transactions WHERE source_uri = %s ORDER BY 1", (bad,)
+    ) == [(f"tx-{i:06d}",) for i in range(9)]
+    runs = database.rows("SELECT status, rows_read, error FROM pipeline_runs ORDER BY started_at")
+    assert [r[:2] for r in runs] == [("failed", 14), ("failed", 0)]
+    assert all(r[2] == f"1 object(s) could not be read: {message}" for r in runs)
+
+
+def test_a_10mb_quoted_field_fails_its_object_past_the_limit_and_is_one_row_within(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    field = ("z" * 99 + "\n") * 100_000  # 10 MB over 100,000 lines
+    uri = bucket.put("in/a.csv", to_csv([row(1), row(2, account_id=field), row(3)]))
+    failed = run(cli_env, "--source", uri)
+    assert failed.code == 1, failed.output
+    assert (
+        f"{uri}: line 3: unterminated quoted field: the quote opened there is still open after"
+        " 8388608 characters (MAX_QUOTED_FIELD_CHARS)"
+    ) in failed.stderr
+    assert database.rows("SELECT status, checkpoint_line, rows_read FROM source_objects") == [
+        ("failed", 2, 1)
+    ]
+    raised = run(
+        cli_env, "--source", uri, "--max-quoted-field-chars", "16777216", "--max-invalid-ratio", "1"
+    )
+    assert raised.code == 3, raised.output
+    assert database.rows("SELECT transaction_id, source_line FROM transactions ORDER BY 1") == [
+        ("tx-000001", 2),
+        ("tx-000003", 100_004),
+    ]
+    assert database.rows("SELECT line_number FROM invalid_rows") == [(3,)]
+    assert database.rows(
+        "SELECT status, checkpoint_line, rows_read, rows_valid, rows_invalid FROM source_objects"
+    ) == [("completed", 100_004, 3, 2, 1)]
