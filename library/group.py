@@ -246,6 +246,9 @@ class RunGroup:
         if self.name is None:
             return None
         name = self.name
+        # A worker killed mid-run is still `processing`: call it abandoned first (after its
+        # grace), or the group would wait for it forever.
+        self.ledger.settle_abandoned()
 
         def close(conn: psycopg.Connection[Any]) -> tuple[bool, int]:
             with conn.transaction():

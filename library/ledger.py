@@ -213,6 +213,12 @@ class Ledger:
                 time.sleep(remaining)
         self.db.run("looking for abandoned runs", self._close_abandoned)
 
+    def settle_abandoned(self) -> None:
+        """Close every abandoned run now, waiting out the grace of recent ones."""
+        self.close_abandoned()
+        if self._suspects:
+            self.close_abandoned(wait=True)
+
     def _close_abandoned(self, conn: psycopg.Connection[Any]) -> None:
         others = conn.execute(
             """SELECT run_id, EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 FROM pipeline_runs
