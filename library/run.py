@@ -37,6 +37,7 @@ from library.ledger import Ledger, RunStatus
 from library.metrics import RunMetrics
 from library.models import Counts, SourceObject
 from library.progress import LiveState, Reporter, StageTimes
+from library.score.ready import wait_until_ready
 from library.validate import validate_chunk
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,8 @@ def database(settings: Settings) -> Iterator[tuple[str, str]]:
         log.info(
             "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
         )
-        yield embedded, embedded
+        # Its folder, not only its URL: the socket may live elsewhere when the path is long.
+        yield embedded, f"{embedded} (embedded, in {folder})"
 
 
 @contextmanager
@@ -267,8 +269,10 @@ class Run:
             self.metrics.set_counts(flow.sink.run.counts)
             self.metrics.concurrency.set(flow.client.limiter.limit)
 
+        # JSON logs are for a log pipeline: a live bar on stderr would be lines it cannot parse.
+        json_logs = settings.LOG_FORMAT == "json" and settings.PROGRESS == "auto"
         reporter = Reporter(
-            settings.PROGRESS,
+            "log" if json_logs else settings.PROGRESS,
             settings.PROGRESS_INTERVAL,
             self.live,
             lambda: flow.sink.run.counts,
@@ -276,6 +280,12 @@ class Run:
             on_tick=publish_tick,
         )
         try:
+            wait_until_ready(
+                flow.client.check_ready,
+                settings.API_WAIT_READY,
+                self.stop.event,
+                lambda: self.stop.error,
+            )
             flow.start()
             if reporter.needed:
                 reporter.start()
@@ -283,6 +293,7 @@ class Run:
         except Stopping:
             pass
         finally:
+            logs.set_context()  # what follows is about the run, not the last object read
             try:
                 flow.finish()
             finally:

@@ -317,7 +317,12 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     import subprocess
     import sys
 
-    env = {k: v for k, v in cli_env.items() if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR")}
+    env = {
+        k: v
+        for k, v in cli_env.items()
+        if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR", "XDG_DATA_HOME")
+    }
+    env["HOME"] = str(tmp_path / "home")  # the per-user database, never the real home's
     demo = subprocess.run(
         [sys.executable, "-m", "pipeline.batch.main", "demo", "--rows", "600"],
         cwd=tmp_path,
@@ -330,7 +335,9 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     assert "completed_with_errors" in demo.stdout or "completed (exit 0)" in demo.stdout
     assert "600 read" in demo.stdout
     assert 'batch-pipeline query "SELECT prediction, COUNT(*)' in demo.stdout
-    assert str(tmp_path / ".batch-pipeline" / "postgres") in demo.stdout
+    assert (
+        str(tmp_path / "home" / ".local" / "share" / "batch-pipeline" / "postgres") in demo.stdout
+    )
     query = subprocess.run(
         [
             sys.executable,
