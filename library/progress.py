@@ -236,17 +236,21 @@ class StageTimes:
             stage = max(busiest, key=lambda k: busiest[k])
         return stage
 
-    def lines(self) -> list[str]:
+    def lines(self, advise: bool = True) -> list[str]:
+        """The summary's lines; `advise` adds the limiting stage and what to tune, which
+        only a run that did its work normally can say (not an empty, skipped or failed one)."""
         hints = {
             "score": "raise API_MAX_WORKERS (if the model has capacity) or API_BATCH_SIZE",
             "read": "reading and validating is the limit: faster storage, or split the input into more objects",
             "write": "raise DB_ROW_BATCH_SIZE, or give PostgreSQL more resources",
         }
         stage = self.limited_by()
-        return [
+        lines = [
             f"stage times:   read {self.read:.1f}s, validate {self.validate:.1f}s, "
             f"score {self.score:.1f}s over {self.workers} workers, write {self.write:.1f}s",
             f"waiting:       reader waited {self.reader_waited:.1f}s on a full queue; writer waited "
             f"{self.writer_waited_on_score:.1f}s on scoring, {self.writer_waited_on_read:.1f}s on reading",
-            f"limited by:    {stage} ({hints[stage]})",
         ]
+        if advise:
+            lines.append(f"limited by:    {stage} ({hints[stage]})")
+        return lines

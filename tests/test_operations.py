@@ -6,8 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import subprocess
+import time
+from pathlib import Path
 
-from tests.conftest import Bucket, Database, run_cli
+from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli
 from tests.helpers.data import row, rows, to_csv
 from tests.helpers.fake_model import FakeModel
 
@@ -213,3 +217,140 @@ def test_failed_ratio_fails_the_run_with_exit_4(
     assert (
         "MAX_FAILED_RATIO crossed: 8 of 50 valid transactions could not be scored" in result.stderr
     )
+
+
+def test_a_run_waits_for_a_model_that_is_still_starting(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(20)))
+    port = free_port()
+    env = {
+        **cli_env,
+        "SOURCE_URI": bucket.uri("in/"),
+        "ML_API_URL": f"http://127.0.0.1:{port}",
+        "API_WAIT_READY": "60",
+    }
+    run = subprocess.Popen(
+        [*CLI, "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    model: subprocess.Popen[bytes] | None = None
+    try:
+        assert run.stderr is not None
+        seen = []
+        for line in run.stderr:  # the model starts only once the run has found it missing
+            seen.append(line)
+            if "The ML API is not ready yet" in line:
+                break
+        assert "connection refused" in seen[-1] and "waiting up to 60s" in seen[-1], seen
+        model = subprocess.Popen(
+            [*CLI, "model-server", "--port", str(port)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        stdout, rest = run.communicate(timeout=60)
+    finally:
+        run.kill()
+        if model is not None:
+            model.terminate()
+            model.wait(10)
+    assert run.returncode == 0, "".join(seen) + rest
+    assert re.search(r"The ML API is ready after \d+\.\ds", rest), rest
+    assert "completed (exit 0)" in stdout
+    assert database.value("SELECT count(*) FROM predictions") == 20
+
+
+def test_the_wait_for_the_model_is_bounded_and_the_error_printed_once(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(20)))
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**cli_env, "SOURCE_URI": bucket.uri("in/"), "ML_API_URL": dead, "API_WAIT_READY": "1.5"}
+    began = time.monotonic()
+    result = run_cli(["run"], env)
+    assert time.monotonic() - began < 15
+    assert result.code == 1, result.output
+    message = f"cannot reach the ML API at {dead}/health: connection refused"
+    assert result.output.count(message + "; check ML_API_URL") == 2  # the wait's notice, the error
+    assert (
+        f"{message}; check ML_API_URL and that the service is running (waited 2s: API_WAIT_READY=1.5)"
+        in result.stderr
+    )
+    assert result.output.count("API_WAIT_READY=1.5)") == 1
+    assert "status:        failed (exit 1): the error is logged above" in result.stdout
+    # A run that did nothing gives no tuning advice and no concurrency figures.
+    assert "limited by" not in result.stdout and "concurrency" not in result.stdout
+    assert "stage times" not in result.stdout
+    assert database.value("SELECT error FROM pipeline_runs").endswith("API_WAIT_READY=1.5)")
+
+
+def test_runs_lists_recent_runs_and_status_speaks_json(
+    bucket: Bucket, cli_env: dict[str, str], fake_model: FakeModel
+) -> None:
+    env, run_id = run_with_errors(bucket, cli_env, fake_model)
+    second = run_cli(["run"], env)
+    assert second.code == 0, second.output
+    assert (
+        "note:          every object was skipped: already completed at this version; use --reprocess to read them again"
+        in second.stdout
+    )
+    assert "limited by" not in second.stdout and "stage times" not in second.stdout
+    second_id = second.stdout.split()[1]
+
+    listed = run_cli(["runs"], env)
+    assert listed.code == 0, listed.output
+    header, rule, newest, oldest = listed.stdout.splitlines()
+    assert header.split(" | ")[0].strip() == "run_id" and set(rule) <= {"-", "+"}
+    assert newest.startswith(second_id) and " completed " in newest and "2 skipped" in newest
+    assert oldest.startswith(run_id) and "completed_with_errors" in oldest
+    assert [c.strip() for c in oldest.split(" | ")[4:8]] == ["33", "3", "29", "1"]
+    as_json = json.loads(run_cli(["runs", "--format", "json", "--limit", "1"], env).stdout)
+    assert [r["run_id"] for r in as_json] == [second_id]
+    assert as_json[0]["objects_skipped"] == 2
+
+    status = json.loads(run_cli(["status", run_id, "--format", "json"], env).stdout)
+    assert status["run_id"] == run_id and status["status"] == "completed_with_errors"
+    assert (status["rows_read"], status["rows_invalid"], status["rows_failed"]) == (33, 3, 1)
+    assert json.loads(run_cli(["status", "--format", "json"], env).stdout)["run_id"] == second_id
+
+
+def run_in(folder: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [*CLI, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_embedded_database_lives_in_one_per_user_place(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    env = {
+        k: v
+        for k, v in cli_env.items()
+        if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR", "XDG_DATA_HOME")
+    }
+    env["HOME"] = str(home)
+    folder = home / ".local" / "share" / "batch-pipeline" / "postgres"
+    project = tmp_path / "project"
+    (project / "in").mkdir(parents=True)
+    (project / "in" / "a.csv").write_text(to_csv(rows(5)))
+    first = run_in(project, ["run", "--source", "in"], env)
+    assert first.returncode == 0, first.stderr
+    assert f"using the embedded PostgreSQL in {folder}" in first.stderr
+    # From another folder, status finds the same database and its run.
+    elsewhere = run_in(tmp_path / "elsewhere", ["status"], env)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "rows:        5 read" in elsewhere.stdout
+    assert not (tmp_path / "elsewhere" / ".batch-pipeline").exists()
+    assert not (project / ".batch-pipeline").exists()
+    # XDG_DATA_HOME moves it; a new, empty database says so instead of asking for --migrate.
+    xdg = run_in(
+        tmp_path / "elsewhere", ["status"], {**env, "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    )
+    assert xdg.returncode == 1
+    assert "no run recorded yet" in xdg.stderr and "--migrate" not in xdg.stderr
+    assert (tmp_path / "xdg" / "batch-pipeline" / "postgres").is_dir()
+    checked = run_in(tmp_path, ["check"], env)
+    assert f"ok    database    embedded PostgreSQL in {folder}:" in checked.stdout
