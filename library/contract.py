@@ -346,6 +346,22 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 }
 
 
+def _one_line_descriptions(node: Any) -> Any:
+    """Docstrings wrap at 100 columns; a schema's descriptions read better unwrapped."""
+    if isinstance(node, dict):
+        return {
+            k: " ".join(v.split())
+            if k == "description" and isinstance(v, str)
+            else _one_line_descriptions(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_one_line_descriptions(v) for v in node]
+    return node
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
     """The JSON Schema of each model of SCHEMAS, generated from the models themselves."""
-    return {name: model.model_json_schema() for name, model in SCHEMAS.items()}
+    return {
+        name: _one_line_descriptions(model.model_json_schema()) for name, model in SCHEMAS.items()
+    }

@@ -272,3 +272,46 @@ def test_summary_shows_stage_times_and_the_limiting_stage(
     assert "limited by:    score" in result.stdout  # a slow model and two workers
     stored = database.value("SELECT summary->'stage_times' FROM pipeline_runs")
     assert stored["limited_by"] == "score" and stored["score"] > 1.0
+
+
+def test_json_logs_make_every_line_of_both_streams_one_json_object(
+    bucket: Bucket, cli_env: dict[str, str]
+) -> None:
+    bucket.put("in/a.csv", to_csv([*rows(30), row(99, amount="-2")]))
+    bucket.put("in/b.csv", to_csv(rows(10, start=100)))
+    env = {
+        **cli_env,
+        "SOURCE_URI": bucket.uri("in/"),
+        "LOG_FORMAT": "json",
+        "MAX_INVALID_RATIO": "1",
+    }
+    result = run_cli(["run"], env)
+    assert result.code == 3, result.output
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    [summary] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert summary["message"] == "Run summary" and summary["level"] == "INFO"
+    s = summary["summary"]
+    assert summary["run_id"] == s["run_id"] and s["status"] == "completed_with_errors"
+    assert s["rows"] == {"read": 41, "valid": 40, "invalid": 1, "scored": 40, "failed": 0}
+    assert s["objects"] == {"completed": 2} and s["exit_code"] == 3
+    assert s["stage_times"]["limited_by"] in ("read", "score", "write")
+    # Run-level lines carry the run, not the context of the last object read.
+    for message in ("Successfully wrote", "Pipeline complete", "Found 2 object(s)"):
+        [line] = [r for r in records if r["message"].startswith(message)]
+        assert line["run_id"] == s["run_id"]
+        assert "object" not in line and "stage" not in line and "batch" not in line, line
+    assert any(r.get("object", "").endswith("in/b.csv") for r in records)
+
+    again = run_cli(["run"], env)
+    [skipped] = [json.loads(line) for line in again.stdout.splitlines()]
+    assert skipped["summary"]["notes"] == [
+        "every object was skipped: already completed at this version; "
+        "use --reprocess to read them again"
+    ]
+    assert "limited_by" not in (skipped["summary"]["stage_times"] or {})
+
+    down = run_cli(["run", "--reprocess"], {**env, "ML_API_URL": "http://127.0.0.1:9"})
+    assert down.code == 1
+    [failed] = [json.loads(line) for line in down.stdout.splitlines()]
+    assert failed["level"] == "ERROR" and "cannot reach the ML API" in failed["summary"]["error"]
+    assert all(json.loads(line) for line in down.stderr.splitlines())
