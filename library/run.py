@@ -36,6 +36,7 @@ from library.flow import ScoreAndWrite, Stopping, StopSignal, check_ratios
 from library.ledger import Ledger, RunStatus
 from library.metrics import RunMetrics
 from library.models import Counts, SourceObject
+from library.plan import InvalidReasons, PlannedObject, ledger_state, plan_objects
 from library.progress import LiveState, Reporter, StageTimes
 from library.score.ready import wait_until_ready
 from library.validate import validate_chunk
@@ -80,6 +81,9 @@ class RunReport:
     flush_seconds: float = 0.0
     concurrency: dict[str, Any] | None = None
     stage_times: StageTimes | None = None
+    plan: list[PlannedObject] | None = None  # dry runs: what a real run would do
+    plan_note: str | None = None  # dry runs: why the ledger could not be checked
+    invalid_reasons: InvalidReasons | None = None  # dry runs
 
     @property
     def seconds(self) -> float:
@@ -106,6 +110,14 @@ class RunReport:
             "concurrency": self.concurrency,
             "stage_times": self.stage_times.as_dict() if self.stage_times else None,
             "error": self.error,
+            **(self._plan() if self.dry_run else {}),
+        }
+
+    def _plan(self) -> dict[str, Any]:
+        return {
+            "plan": [p.as_dict() for p in self.plan or []],
+            "plan_note": self.plan_note,
+            "invalid_reasons": self.invalid_reasons.as_list() if self.invalid_reasons else [],
         }
 
 
@@ -312,7 +324,7 @@ class Run:
             if claim.status == "completed":
                 log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
                 self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
-                self.live.finish_object(obj.size)
+                self.live.skip_object(obj.size)
                 flow.skip()
                 continue
             if claim.status == "locked":
@@ -322,7 +334,7 @@ class Run:
                     claim.held_by or "unknown",
                 )
                 self.outcomes.append(ObjectOutcome(obj.uri, "locked"))
-                self.live.finish_object(obj.size)
+                self.live.skip_object(obj.size)
                 continue
             if claim.status == "resume":
                 log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
@@ -414,7 +426,8 @@ def finish_run(ledger: Ledger, report: RunReport) -> None:
 
 
 class DryRun:
-    """Read and validate everything; no API call, no database, no write."""
+    """A plan: which objects a run would read, skip or resume (from the ledger, read only,
+    when a database is there), then read and validate those: no API call, no write."""
 
     def __init__(self, settings: Settings, options: RunOptions, stop: StopSignal) -> None:
         self.settings = settings
@@ -429,21 +442,34 @@ class DryRun:
         log.info("Starting batch pipeline (dry run: no API calls, no writes)")
         counts = Counts()
         outcomes: list[ObjectOutcome] = []
+        plan: list[PlannedObject] = []
+        note: str | None = None
+        reasons = InvalidReasons()
         error: PipelineError | None = None
         try:
             s3 = s3_client_for(settings)
             objects = source.list_objects(settings.SOURCE_URI, s3)
             if self.options.limit is not None:
                 objects = objects[: self.options.limit]
-            for obj in objects:
+            state, note = ledger_state(settings, objects)
+            if note:
+                log.warning("Dry run: %s; every object is counted as to be read", note)
+            plan = plan_objects(objects, state, self.options.reprocess)
+            for obj, planned in zip(objects, plan, strict=True):
                 if self.stop.is_set():
                     break
+                if planned.action == "skip":
+                    outcomes.append(ObjectOutcome(obj.uri, "skipped"))
+                    continue
                 outcome = ObjectOutcome(obj.uri, "completed")
                 outcomes.append(outcome)
                 try:
                     with source.open_text(obj, s3) as (text, _counter):
-                        for chunk in source.read_chunks(obj, text, settings.ROW_BATCH_SIZE):
+                        for chunk in source.read_chunks(
+                            obj, text, settings.ROW_BATCH_SIZE, planned.resume_after_line
+                        ):
                             validated = validate_chunk(chunk)
+                            reasons.add(obj.uri, validated.invalid)
                             c = Counts(
                                 read=chunk.rows_read,
                                 valid=validated.valid.height,
@@ -473,4 +499,7 @@ class DryRun:
             finished_at=time.time(),
             error=message,
             dry_run=True,
+            plan=plan,
+            plan_note=note,
+            invalid_reasons=reasons,
         )

@@ -354,3 +354,71 @@ def test_the_embedded_database_lives_in_one_per_user_place(
     assert (tmp_path / "xdg" / "batch-pipeline" / "postgres").is_dir()
     checked = run_in(tmp_path, ["check"], env)
     assert f"ok    database    embedded PostgreSQL in {folder}:" in checked.stdout
+
+
+def test_dry_run_is_a_plan_from_the_ledger(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(10)))
+    env = {**cli_env, "SOURCE_URI": bucket.uri("in/"), "MAX_INVALID_RATIO": "1"}
+    assert run_cli(["run"], env).code == 0
+    bucket.put(
+        "in/b.csv", to_csv([*rows(5, start=100), row(190, amount="-1"), row(191, amount="0")])
+    )
+    c_uri = bucket.put("in/c.csv", to_csv([*rows(8, start=200), row(290, currency="eur")]))
+    etag = bucket.client.head_object(Bucket=bucket.name, Key="in/c.csv")["ETag"].strip('"')
+    # A run died in c.csv after line 5 (rows of lines 2-5 are stored).
+    database.execute(
+        """INSERT INTO source_objects (source_uri, source_version, status, checkpoint_line, run_id)
+           VALUES (%s, %s, 'processing', 5, (SELECT run_id FROM pipeline_runs))""",
+        (c_uri, etag),
+    )
+    before = database.rows(
+        "SELECT count(*) FROM pipeline_runs UNION ALL SELECT count(*) FROM transactions"
+    )
+    result = run_cli(["run", "--dry-run"], env)
+    assert result.code == 3, result.output
+    plan = [line[15:] for line in result.stdout.splitlines() if line.startswith(("plan:", "    "))]
+    a_kb = len(to_csv(rows(10)).encode()) / 1024
+    assert plan[0] == (
+        f"skip   {bucket.uri('in/a.csv')} ({a_kb:.1f} KB): already completed at this version "
+        "(use --reprocess to read it again)"
+    )
+    assert plan[1].startswith(f"read   {bucket.uri('in/b.csv')} (")
+    assert plan[2].startswith(f"resume {c_uri} (") and plan[2].endswith(") after line 5")
+    assert "rows:          12 read, 9 valid, 3 invalid, 0 scored, 0 failed" in result.stdout
+    assert (
+        "invalid:       amount: must be greater than 0 (2 rows, e.g. b.csv:7, b.csv:8)"
+        in result.stdout
+    )
+    assert (
+        "currency: must be an ISO 4217 code: 3 upper-case letters (1 row, e.g. c.csv:10)"
+        in result.stdout
+    )
+    assert "objects:       2 completed, 1 skipped" in result.stdout
+    assert (
+        database.rows(
+            "SELECT count(*) FROM pipeline_runs UNION ALL SELECT count(*) FROM transactions"
+        )
+        == before
+    )
+    again = run_cli(["run", "--dry-run", "--reprocess"], env)
+    assert f"read   {bucket.uri('in/a.csv')}" in again.stdout and "22 read" in again.stdout
+
+
+def test_dry_run_without_a_database_says_it_could_not_check_the_ledger(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(10)))
+    folder = tmp_path / "no-database-here"
+    env = {k: v for k, v in cli_env.items() if k != "DATABASE_URL"}
+    env.update(SOURCE_URI=bucket.uri("in/"), EMBEDDED_DB_DIR=str(folder))
+    result = run_cli(["run", "--dry-run"], env)
+    assert result.code == 0, result.output
+    assert (
+        "plan:          no database (DATABASE_URL unset, no embedded database yet): ledger not checked"
+        in result.stdout
+    )
+    assert f"read   {bucket.uri('in/a.csv')}" in result.stdout
+    assert "rows:          10 read, 10 valid, 0 invalid" in result.stdout
+    assert not folder.exists()

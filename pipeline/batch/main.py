@@ -348,6 +348,20 @@ def summary_notes(report: Any) -> list[str]:
     return []
 
 
+def plan_lines(report: Any) -> list[str]:
+    """A dry run's plan (read, skip, resume each object) and its invalid rows by reason."""
+    lines = [f"plan:          {report.plan_note}"] if report.plan_note else []
+    label = "plan:          "
+    for planned in report.plan or []:
+        lines.append(label + planned.describe())
+        label = " " * len(label)
+    label = "invalid:       "
+    for reason in report.invalid_reasons.lines() if report.invalid_reasons else []:
+        lines.append(label + reason)
+        label = " " * len(label)
+    return lines
+
+
 def did_work(report: Any) -> bool:
     """A run that read rows and ended normally: only then do its stage times say anything."""
     return report.counts.read > 0 and report.status in ("completed", "completed_with_errors")
@@ -382,6 +396,8 @@ def print_summary(report: Any, settings: Settings) -> None:
         f"time:          {s['seconds']:.1f}s ({s['rows_per_second']:.0f} rows/s)",
     ]
     lines.extend(f"note:          {note}" for note in notes)
+    if report.dry_run:
+        lines.extend(plan_lines(report))
     if s["model_version"]:
         lines.append(f"model_version: {s['model_version']}")
     if s.get("api_requests"):
