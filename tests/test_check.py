@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tests.conftest import S3_SECRET, Bucket, free_port, run_cli
 from tests.helpers.data import rows, to_csv
 from tests.helpers.fake_model import FakeModel
@@ -81,9 +84,7 @@ def test_check_fails_when_the_model_refuses_the_test_row(
     assert [r.ids for r in fake_model.predict_requests()] == [["batch-pipeline-check"]]
 
 
-def test_check_names_the_embedded_database_folder(
-    cli_env: dict[str, str], tmp_path: object
-) -> None:
+def test_check_names_the_embedded_database_folder(cli_env: dict[str, str]) -> None:
     env = {k: v for k, v in cli_env.items() if k != "DATABASE_URL"}
     result = run_cli(["check"], env)
     database = lines_by_name(result.stdout)["database"]
@@ -92,3 +93,19 @@ def test_check_names_the_embedded_database_folder(
     )
     assert "source" in result.stdout and "SOURCE_URI is not set" in result.stdout
     assert result.code == 1
+
+
+def test_check_speaks_json_with_json_logs(cli_env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text(to_csv(rows(3)))
+    env = {**cli_env, "SOURCE_URI": str(tmp_path / "in"), "LOG_FORMAT": "json"}
+    result = run_cli(["check"], env)
+    assert result.code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(e["check"], e["ok"], e["level"]) for e in events] == [
+        ("source", True, "INFO"),
+        ("database", True, "INFO"),
+        ("model", True, "INFO"),
+    ]
+    assert events[0]["detail"] == f"{tmp_path / 'in'}: 1 object, {len(to_csv(rows(3)))} bytes"
+    assert all(json.loads(line) for line in result.stderr.splitlines())

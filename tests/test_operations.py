@@ -80,9 +80,10 @@ def test_retry_failed_scores_failures_again_and_resolves_them(
     first_run = database.value(
         "SELECT run_id FROM pipeline_runs ORDER BY started_at, run_id LIMIT 1"
     )
-    assert (
-        run_cli(["retry-failed", "--run", "batch_19990101_000000"], env).code == 0
-    )  # nothing of that run
+    nothing = run_cli(["retry-failed", "--run", "batch_19990101_000000"], env)
+    assert nothing.code == 0  # nothing of that run
+    assert "note:          nothing to score again: no unresolved failure" in nothing.stdout
+    assert "limited by" not in nothing.stdout
     assert database.value("SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL") == 1
     last = run_cli(["retry-failed"], env)
     assert last.code == 0, last.output

@@ -42,7 +42,6 @@ RUN_ID_HELP = (
     "for runs started in the same second); printed at the start and in the summary, listed "
     "by `batch-pipeline runs`, stored in pipeline_runs.run_id and in every row the run writes."
 )
-NO_SETTINGS_COMMANDS = ("model-server", "schema")
 
 
 def flag_name(field: str) -> str:
@@ -336,8 +335,11 @@ ALL_SKIPPED_NOTE = (
 )
 
 
-def summary_notes(report: Any) -> list[str]:
+def summary_notes(report: Any, retry: bool = False) -> list[str]:
     """What a user should know about a run that did no work, instead of tuning advice."""
+    if retry:
+        done_nothing = report.counts.read == 0 and report.status == "completed"
+        return ["nothing to score again: no unresolved failure"] if done_nothing else []
     statuses = [o.status for o in report.objects]
     if statuses and all(s == "skipped" for s in statuses):
         return [ALL_SKIPPED_NOTE]
@@ -367,13 +369,13 @@ def did_work(report: Any) -> bool:
     return report.counts.read > 0 and report.status in ("completed", "completed_with_errors")
 
 
-def print_summary(report: Any, settings: Settings) -> None:
+def print_summary(report: Any, settings: Settings, retry: bool = False) -> None:
     """The end-of-run summary on stdout: text lines, or one JSON event with LOG_FORMAT=json.
 
     The error itself is logged once, on stderr, before the summary; the summary
     says the run failed and points there."""
     s = report.summary()
-    notes = summary_notes(report)
+    notes = summary_notes(report, retry)
     if settings.LOG_FORMAT == "json":
         s["notes"] = notes
         s["database"] = report.database
@@ -429,7 +431,7 @@ def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
     if report.error:
         log.error("Run %s %s: %s", report.run_id, report.status, report.error)
     log.info("Retry complete: %d scored, %d still failing", c.scored, c.failed)
-    print_summary(report, settings)
+    print_summary(report, settings, retry=True)
     return report.exit_code
 
 
@@ -489,7 +491,14 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
     results = run_checks(settings)
     for result in results:
-        print(result.line(), flush=True)
+        if settings.LOG_FORMAT == "json":
+            level = "INFO" if result.ok else "ERROR"
+            line = logs.json_event(
+                result.line(), level, check=result.name, ok=result.ok, detail=result.detail
+            )
+        else:
+            line = result.line()
+        print(line, flush=True)
     failed = [r.name for r in results if not r.ok]
     if failed:
         log.error("check failed: %s", ", ".join(failed))
