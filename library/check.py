@@ -25,6 +25,7 @@ from library import db, source
 from library.config import Settings, redact_url
 from library.errors import PipelineError
 from library.models import SourceObject
+from library.score.client import split_credentials
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ TEST_ROW_CSV = (
     "batch-pipeline-check,2026-01-11T10:00:00Z,acc-00042,m-0193,grocery,42.17,USD,US,pos,true\n"
 )
 HTTP_CHECK_SECONDS = 10.0  # one probe of the Pushgateway
-PREDICTION_DOWN_SECONDS = 2.0  # a check probes a failing model briefly, never for API_DOWN_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -102,39 +102,68 @@ def check_database(settings: Settings) -> CheckResult:
 
 
 def check_model(settings: Settings) -> CheckResult:
+    """Health through the run's own client, then one request of one fixed contract row,
+    encoded and decoded by the run's codec: no retry, so the answer is the service's own."""
     if not settings.ML_API_URL:
         return CheckResult("model", False, "ML_API_URL is not set")
-    from library.score.client import ScoringClient
+    from library.score.client import ScoringClient, classify_response, describe_transport_error
     from library.score.codec import make_codec
     from library.validate import validate_chunk
 
     shown = f"{redact_url(settings.ML_API_URL)} ({settings.ML_API_PROTOCOL})"
+    token = settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None
+    codec = make_codec(settings)
     client = ScoringClient(
         settings.ML_API_URL,
-        make_codec(settings),
+        codec,
         timeout=settings.API_TIMEOUT,
         max_retries=0,
-        backoff=0.1,
-        backoff_max=0.5,
+        backoff=0.0,
+        backoff_max=0.0,
         pool_size=1,
-        token=settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None,
-        down_timeout=PREDICTION_DOWN_SECONDS,
+        token=token,
     )
     try:
         client.check_ready()
-        obj = SourceObject("batch-pipeline-check", "1")
-        [chunk] = source.read_chunks(obj, io.StringIO(TEST_ROW_CSV), 10)
-        frame = client.prepare(validate_chunk(chunk).valid)
-        result = client.score(frame)
     except PipelineError as exc:
         return CheckResult("model", False, f"{shown}: {exc}")
     finally:
         client.close()
-    if result.failures:
-        return CheckResult(
-            "model", False, f"{shown}: ready, but the test row failed: {result.failures[0].reason}"
+    obj = SourceObject("batch-pipeline-check", "1")
+    [chunk] = source.read_chunks(obj, io.StringIO(TEST_ROW_CSV), 10)
+    batch = codec.prepare(validate_chunk(chunk).valid)
+    base, basic_auth = split_credentials(settings.ML_API_URL)
+    url = base.rstrip("/") + codec.predict_path
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    elif basic_auth:
+        headers.update(urllib3.make_headers(basic_auth=basic_auth))
+    try:
+        response = urllib3.request(
+            "POST",
+            url,
+            body=codec.encode(batch),
+            headers=headers,
+            timeout=settings.API_TIMEOUT,
+            retries=False,
         )
-    [prediction] = result.predictions
+    except urllib3.exceptions.HTTPError as exc:
+        return CheckResult(
+            "model",
+            False,
+            f"{shown}: ready, but the test prediction: {describe_transport_error(exc)}",
+        )
+    failed = f"{shown}: ready, but the test prediction failed"
+    try:
+        if response.status != 200:
+            error: PipelineError = classify_response(
+                response.status, response.data, response.headers, redact_url(url)
+            )
+            return CheckResult("model", False, f"{failed}: {error}")
+        [prediction] = codec.decode(response.data, ["batch-pipeline-check"])
+    except PipelineError as exc:
+        return CheckResult("model", False, f"{failed}: {exc}")
     verdict = "fraud" if prediction.is_fraud else "not fraud"
     return CheckResult(
         "model",

@@ -80,8 +80,14 @@ def test_check_fails_when_the_model_refuses_the_test_row(
     assert result.code == 1, result.output
     model = lines_by_name(result.stdout)["model"]
     assert model.startswith("FAIL  model       ")
-    assert "ready, but the test row failed: rejected by the ML API (HTTP 422)" in model
+    assert "ready, but the test prediction failed: rejected by the ML API (HTTP 422)" in model
     assert [r.ids for r in fake_model.predict_requests()] == [["batch-pipeline-check"]]
+    fake_model.knobs.poison_ids, fake_model.knobs.always_status = set(), 503
+    busy = lines_by_name(run_cli(["check"], env).stdout)["model"]
+    assert busy.endswith(
+        'ready, but the test prediction failed: HTTP 503 {"error":"configured to fail"}'
+    )
+    assert len(fake_model.predict_requests()) == 2  # one request each time: a check never retries
 
 
 def test_check_names_the_embedded_database_folder(cli_env: dict[str, str]) -> None:

@@ -423,3 +423,15 @@ def test_dry_run_without_a_database_says_it_could_not_check_the_ledger(
     assert f"read   {bucket.uri('in/a.csv')}" in result.stdout
     assert "rows:          10 read, 10 valid, 0 invalid" in result.stdout
     assert not folder.exists()
+
+
+def test_status_on_an_unmigrated_database_asks_for_migrate_not_a_flag_it_lacks(
+    cli_env: dict[str, str], empty_database_url: str
+) -> None:
+    env = {**cli_env, "DATABASE_URL": empty_database_url}
+    for command in (["status"], ["runs"]):
+        result = run_cli(command, env)
+        assert result.code == 2, result.output
+        assert "is not migrated (pending: V1__create_tables.sql" in result.stderr
+        assert "run `batch-pipeline migrate` first" in result.stderr
+        assert "--migrate" not in result.stderr
