@@ -61,7 +61,7 @@ def test_each_command_lists_only_the_settings_it_uses() -> None:
     status = help_of("status")
     assert len(status.splitlines()) < 60, status
     assert "--database-url" in status and "--embedded-db-dir" in status
-    for unused in ("--api-max-workers", "--source", "--ml-api-url", "--max-invalid-ratio"):
+    for unused in ("--api-max-workers", "--source", "--ml-api-url", "--progress", "--metrics-job"):
         assert unused not in status
     check = help_of("check")
     for used in ("--source", "--ml-api-url", "--ml-api-protocol", "--pushgateway-url"):

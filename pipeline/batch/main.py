@@ -74,26 +74,28 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "reading and writing": ("ROW_BATCH_SIZE", "DB_ROW_BATCH_SIZE", "DB_FLUSH_INTERVAL"),
     "thresholds": ("MAX_INVALID_RATIO", "MAX_FAILED_RATIO"),
-    "logs and progress": ("LOG_LEVEL", "LOG_FORMAT", "PROGRESS", "PROGRESS_INTERVAL"),
+    "logs": ("LOG_LEVEL", "LOG_FORMAT"),
+    "progress": ("PROGRESS", "PROGRESS_INTERVAL"),
     "metrics": ("PUSHGATEWAY_URL", "METRICS_TEXTFILE", "METRICS_JOB"),
 }
-READ_ONLY_GROUPS = ("database", "logs and progress")
+READ_ONLY_GROUPS = ("database", "logs")
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "run": tuple(SETTING_GROUPS),
-    "check": ("source", "database", "model", "metrics", "logs and progress"),
+    "check": ("source", "database", "model", "metrics", "logs"),
     "retry-failed": (
         "database",
         "model",
         "scoring",
         "reading and writing",
-        "logs and progress",
+        "logs",
     ),
     "demo": (
         "database",
         "scoring",
         "reading and writing",
         "thresholds",
-        "logs and progress",
+        "logs",
+        "progress",
         "metrics",
     ),
     "migrate": READ_ONLY_GROUPS,
