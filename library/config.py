@@ -43,11 +43,21 @@ DEFAULT_API_RETRY_BACKOFF_MAX = 30.0
 DEFAULT_DB_FLUSH_INTERVAL = 5.0
 DEFAULT_DB_RETRY_TIMEOUT = 60.0
 DEFAULT_EMBEDDED_DB_DIR = ".batch-pipeline/postgres"
+DEFAULT_API_WAIT_READY = 60.0
 DEFAULT_FRAUD_THRESHOLD = 0.5
 DEFAULT_API_DOWN_TIMEOUT = 120.0
 DEFAULT_PROGRESS_INTERVAL = 10.0
 DEFAULT_METRICS_JOB = "batch-pipeline"
 DEFAULT_FAIL_ON_EMPTY_SOURCE = False
+
+
+def default_embedded_db_dir() -> Path:
+    """One per-user place, whatever folder a command runs from (the XDG data folder):
+    `$XDG_DATA_HOME/batch-pipeline/postgres`, else `~/.local/share/batch-pipeline/postgres`."""
+    data_home = os.environ.get("XDG_DATA_HOME")
+    base = Path(data_home) if data_home and Path(data_home).is_absolute() else None
+    return (base or Path.home() / ".local" / "share") / "batch-pipeline" / "postgres"
+
 
 SECRET_FIELDS = frozenset({"SECRET", "DATABASE_URL", "ML_API_TOKEN"})
 # Shorter secrets are not masked in log lines: masking "ab" everywhere would garble them.
@@ -154,6 +164,13 @@ class Settings(BaseModel):
         le=86_400,
         description="Seconds of every request failing after which the run stops as failed (exit 1).",
     )
+    API_WAIT_READY: float = Field(
+        DEFAULT_API_WAIT_READY,
+        ge=0,
+        le=3600,
+        description="Seconds to wait at start for a model server that is not ready yet "
+        "(still starting: connection refused, 503) before the run fails; 0: one check, no wait.",
+    )
     API_MAX_RETRIES: int = Field(
         DEFAULT_API_MAX_RETRIES,
         ge=0,
@@ -217,8 +234,10 @@ class Settings(BaseModel):
         "for, with backoff, before the run stops as failed.",
     )
     EMBEDDED_DB_DIR: Path = Field(
-        Path(DEFAULT_EMBEDDED_DB_DIR),
-        description="Folder of the embedded PostgreSQL used when DATABASE_URL is unset.",
+        default_factory=default_embedded_db_dir,
+        description="Folder of the embedded PostgreSQL used when DATABASE_URL is unset "
+        "(default: $XDG_DATA_HOME/batch-pipeline/postgres, else "
+        "~/.local/share/batch-pipeline/postgres).",
     )
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log verbosity."

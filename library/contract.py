@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "transaction_id",
@@ -197,18 +197,171 @@ def parse_card_present(value: Any) -> bool:
     raise ValueError("must be true, false, 1 or 0")
 
 
+def _csv_text(description: str, pattern: str | None = None, **extra: Any) -> WithJsonSchema:
+    """The JSON Schema of a CSV field: text, with the same pattern the validators use."""
+    schema: dict[str, Any] = {"type": "string", "description": description, **extra}
+    if pattern is not None:
+        schema["pattern"] = f"^(?:{pattern})$"
+    return WithJsonSchema(schema)
+
+
+def _any_case(words: tuple[str, ...]) -> str:
+    """`true` -> `[Tt][Rr][Uu][Ee]`: JSON Schema patterns have no case-insensitive flag."""
+    return "|".join(
+        "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in word)
+        for word in words
+    )
+
+
 class Transaction(BaseModel):
-    """One valid row of a transaction CSV, typed."""
+    """One row of a transaction CSV: UTF-8 (a leading BOM is tolerated), comma-separated,
+    RFC 4180 quoting, one header row; plain, .gz or .zst. Column order is free and extra
+    columns are ignored; a file missing a required column is refused whole. Every value
+    is text in the file; a row that breaks a rule is kept in invalid_rows with its line
+    and every reason, never scored."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", title="Transaction CSV row")
 
-    transaction_id: Annotated[str, BeforeValidator(parse_transaction_id)]
-    event_time: Annotated[datetime, BeforeValidator(parse_event_time)]
-    account_id: Annotated[str, BeforeValidator(parse_party_id)]
-    merchant_id: Annotated[str, BeforeValidator(parse_party_id)]
-    merchant_category: Annotated[str, BeforeValidator(parse_merchant_category)]
-    amount: Annotated[Decimal, BeforeValidator(parse_amount)]
-    currency: Annotated[str, BeforeValidator(parse_currency)]
-    country: Annotated[str, BeforeValidator(parse_country)]
-    channel: Annotated[str, BeforeValidator(parse_channel)]
-    card_present: Annotated[bool, BeforeValidator(parse_card_present)]
+    transaction_id: Annotated[
+        str,
+        BeforeValidator(parse_transaction_id),
+        _csv_text(
+            "The natural key: 1-64 characters of A-Z a-z 0-9 . _ : -. The same id again "
+            "(in the same or a later file) is an upsert: the latest row wins.",
+            TRANSACTION_ID_PATTERN,
+        ),
+    ]
+    event_time: Annotated[
+        datetime,
+        BeforeValidator(parse_event_time),
+        _csv_text(
+            "ISO 8601 timestamp such as 2026-01-11T10:00:00Z: date, T (or a space), hours and "
+            "minutes, optional seconds and fraction, optional offset Z, +HH, +HHMM or +HH:MM; "
+            "no offset means UTC. Stored as timestamptz, to the microsecond.",
+            TIMESTAMP_PATTERN,
+        ),
+    ]
+    account_id: Annotated[
+        str,
+        BeforeValidator(parse_party_id),
+        _csv_text("1-64 characters, not blank.", minLength=1, maxLength=MAX_ID_CHARS),
+    ]
+    merchant_id: Annotated[
+        str,
+        BeforeValidator(parse_party_id),
+        _csv_text("1-64 characters, not blank.", minLength=1, maxLength=MAX_ID_CHARS),
+    ]
+    merchant_category: Annotated[
+        str,
+        BeforeValidator(parse_merchant_category),
+        _csv_text("1-32 characters of lowercase letters, digits and _.", MERCHANT_CATEGORY_PATTERN),
+    ]
+    amount: Annotated[
+        Decimal,
+        BeforeValidator(parse_amount),
+        _csv_text(
+            "A plain decimal number such as 42.17: greater than 0, less than 10^10, at most "
+            "2 decimal places (trailing zeros do not count). Stored as NUMERIC(12,2).",
+            AMOUNT_PATTERN,
+        ),
+    ]
+    currency: Annotated[
+        str,
+        BeforeValidator(parse_currency),
+        _csv_text("ISO 4217 alphabetic code: 3 upper-case letters.", CURRENCY_PATTERN),
+    ]
+    country: Annotated[
+        str,
+        BeforeValidator(parse_country),
+        _csv_text("ISO 3166-1 alpha-2 code: 2 upper-case letters.", COUNTRY_PATTERN),
+    ]
+    channel: Annotated[
+        str,
+        BeforeValidator(parse_channel),
+        _csv_text("One of " + ", ".join(CHANNELS) + ".", enum=list(CHANNELS)),
+    ]
+    card_present: Annotated[
+        bool,
+        BeforeValidator(parse_card_present),
+        _csv_text("true, false, 1 or 0, in any case.", _any_case((*TRUE_WORDS, *FALSE_WORDS))),
+    ]
+
+
+# -- the model API's native protocol (shared/CONTRACT.md, section 2) ----------------
+#
+# What `POST {ML_API_URL}/predict` receives and must answer. The client's codec builds
+# and checks these bodies with vectorised code for speed; these models are the
+# documented schema, and the tests hold the codec and the reference model to them.
+
+
+class PredictTransaction(BaseModel):
+    """One valid row as the model receives it: the CSV's values in their contract types."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transaction_id: str = Field(pattern=f"^(?:{TRANSACTION_ID_PATTERN})$")
+    event_time: datetime = Field(description="ISO 8601 in UTC, e.g. 2026-01-11T10:00:00Z.")
+    account_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    merchant_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    merchant_category: str = Field(pattern=f"^(?:{MERCHANT_CATEGORY_PATTERN})$")
+    amount: float = Field(gt=0, lt=10**AMOUNT_MAX_INTEGER_DIGITS, description="A JSON number.")
+    currency: str = Field(pattern=f"^(?:{CURRENCY_PATTERN})$")
+    country: str = Field(pattern=f"^(?:{COUNTRY_PATTERN})$")
+    channel: Literal["online", "pos", "atm"]
+    card_present: bool
+
+
+class PredictRequest(BaseModel):
+    """The body of POST {ML_API_URL}/predict: API_BATCH_SIZE transactions at most."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transactions: list[PredictTransaction] = Field(min_length=1)
+
+
+class PredictionItem(BaseModel):
+    """The model's answer for one transaction."""
+
+    transaction_id: str
+    fraud_score: float = Field(ge=0, le=1)
+    is_fraud: bool = Field(description="true = fraud; stored as predictions.prediction.")
+
+
+class PredictResponse(BaseModel):
+    """The 200 answer: every transaction sent exactly once, in any order; anything else
+    (one missing or extra, a score outside [0, 1], not JSON) fails the whole request,
+    which is retried. 429 and 5xx are retried; 400 and 422 are not: the batch is split
+    until only the refused rows fail."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_version: str = Field(min_length=1, description="Stored with every prediction.")
+    predictions: list[PredictionItem]
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "row": Transaction,
+    "predict-request": PredictRequest,
+    "predict-response": PredictResponse,
+}
+
+
+def _one_line_descriptions(node: Any) -> Any:
+    """Docstrings wrap at 100 columns; a schema's descriptions read better unwrapped."""
+    if isinstance(node, dict):
+        return {
+            k: " ".join(v.split())
+            if k == "description" and isinstance(v, str)
+            else _one_line_descriptions(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_one_line_descriptions(v) for v in node]
+    return node
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of each model of SCHEMAS, generated from the models themselves."""
+    return {
+        name: _one_line_descriptions(model.model_json_schema()) for name, model in SCHEMAS.items()
+    }

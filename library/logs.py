@@ -182,6 +182,29 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = (), fmt: str = "
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def scrub(text: str) -> str:
+    """`text` with every secret the log filter knows replaced (for output outside logging)."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, RedactSecrets):
+                text = f.scrub(text)
+    return text
+
+
+def json_event(message: str, level: str = "INFO", **fields: Any) -> str:
+    """One JSON line shaped like the JSON log records (time, level, logger, message, fields),
+    for what the job writes to stdout with LOG_FORMAT=json: a log pipeline that collects both
+    streams parses every line. Secrets are scrubbed as in the logs."""
+    doc: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": "batch_pipeline",
+        "message": message,
+        **fields,
+    }
+    return scrub(orjson.dumps(doc, default=str).decode())
+
+
 def add_secrets(secrets: Iterable[str]) -> None:
     """Add secrets learned after start-up (e.g. the embedded database URL) to the filter."""
     for handler in logging.getLogger().handlers:

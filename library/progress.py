@@ -9,21 +9,27 @@ PROGRESS:
     off   nothing
     auto  bar when stderr is a terminal, log otherwise
 
-Object sizes come from the listing, so the ETA (bytes left / bytes per second)
-is real from the first seconds. The same thread publishes the metrics every
-PROGRESS_INTERVAL, and samples the run's progress (whatever PROGRESS is) for the
-charts of `report --format html`: throughput and concurrency over the run.
+The ETA follows rows done (written, the end of the pipeline) against rows
+expected: the rows read so far scaled by the bytes left to read (sizes come from
+the listing, so it is real from the first seconds, and exact once everything is
+read). Bytes alone were wrong twice: compressed bytes are read well before their
+rows are scored and written, so a bytes ETA said 0:00:02 eleven seconds before the
+end. Skipped objects count neither bytes nor rows. The same thread publishes the
+metrics every PROGRESS_INTERVAL, and samples the run's progress (whatever
+PROGRESS is) for the charts of `report --format html`: throughput and
+concurrency over the run.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from library.metrics import RunMetrics
 from library.models import Counts
@@ -34,6 +40,8 @@ log = logging.getLogger("batch_pipeline.progress")
 BAR_REFRESH_SECONDS = 0.5
 SAMPLE_SECONDS = 1.0  # at most this long between two progress samples
 MAX_SAMPLES = 200  # samples kept in the run's summary (thinned evenly beyond that)
+BAR_WIDTH = 16
+FIXED_COLUMNS_WIDTH = 4 + 12 + BAR_WIDTH + 3 + 1  # percent, ETA, bar, the gaps, a spare
 
 
 @dataclass
@@ -44,6 +52,7 @@ class LiveState:
     bytes_total: int = 0
     objects_finished: int = 0
     bytes_finished: int = 0
+    bytes_skipped: int = 0  # objects not read (completed already, or locked)
     rows_read: int = 0
     current: CountingReader | None = None
     current_size: int = 0
@@ -56,6 +65,20 @@ class LiveState:
         self.objects_finished += 1
         self.bytes_finished += size or 0
         self.current, self.current_size = None, 0
+
+    def skip_object(self, size: int | None) -> None:
+        self.bytes_skipped += size or 0
+        self.finish_object(size)
+
+    def rows_expected(self) -> int | None:
+        """Rows read so far, scaled by the bytes to read: exact once all is read."""
+        to_read = self.bytes_total - self.bytes_skipped
+        done = self.bytes_read() - self.bytes_skipped
+        if to_read <= 0 or done <= 0:
+            return None
+        if done >= to_read:
+            return self.rows_read
+        return max(self.rows_read, round(self.rows_read * to_read / done))
 
     def bytes_read(self) -> int:
         current = self.current
@@ -79,14 +102,18 @@ def _duration(seconds: float | None) -> str:
 def snapshot(state: LiveState, written: Counts) -> dict[str, Any]:
     elapsed = max(time.monotonic() - state.started, 1e-9)
     done = state.bytes_read()
-    rate = done / elapsed
-    eta = (state.bytes_total - done) / rate if rate > 0 and state.bytes_total else None
+    rows_done = written.read
+    expected = state.rows_expected()
+    rate = rows_done / elapsed
+    eta = max(expected - rows_done, 0) / rate if expected is not None and rate > 0 else None
     return {
         "objects_done": state.objects_finished,
         "objects_total": state.objects_total,
         "bytes_read": done,
         "bytes_total": state.bytes_total,
-        "percent": round(100 * done / state.bytes_total, 1) if state.bytes_total else None,
+        "percent": round(100 * min(rows_done / expected, 1.0), 1) if expected else None,
+        "rows_done": rows_done,
+        "rows_expected": expected,
         "rows_read": state.rows_read,
         "rows_per_second": round(state.rows_read / elapsed),
         "scored": written.scored,
@@ -99,13 +126,13 @@ def snapshot(state: LiveState, written: Counts) -> dict[str, Any]:
 
 def describe(s: dict[str, Any]) -> str:
     mb = 1024 * 1024
-    percent = f" ({s['percent']:.0f}%)" if s["percent"] is not None else ""
+    percent = f"{s['percent']:.0f}%" if s["percent"] is not None else "?%"
     return (
+        f"{percent} of rows done, ETA {_duration(s['eta_seconds'])}; "
         f"{s['objects_done']}/{s['objects_total']} objects, "
-        f"{s['bytes_read'] / mb:.1f} of {s['bytes_total'] / mb:.1f} MB{percent}, "
+        f"{s['bytes_read'] / mb:.1f} of {s['bytes_total'] / mb:.1f} MB, "
         f"{s['rows_read']:,} rows read ({s['rows_per_second']:,} rows/s), "
-        f"{s['scored']:,} scored, {s['failed']:,} failed, {s['invalid']:,} invalid, "
-        f"ETA {_duration(s['eta_seconds'])}"
+        f"{s['scored']:,} scored, {s['failed']:,} failed, {s['invalid']:,} invalid"
     )
 
 
@@ -195,7 +222,7 @@ class Reporter(threading.Thread):
         finally:
             if self._bar is not None:
                 self._draw(snapshot(self.state, self.written()))
-                self._bar.stop()
+                self._close_bar()
 
     def _sample(self, final: bool = False) -> None:
         written = self.written()
@@ -224,32 +251,92 @@ class Reporter(threading.Thread):
     # -- the rich display --------------------------------------------------------
 
     def _open_bar(self) -> None:
+        """Percentage and ETA first, so that they stay when the terminal is narrow (80
+        columns): the details after the bar are cut with an ellipsis, never wrapped."""
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+        from rich.progress import BarColumn, Progress, TextColumn
+        from rich.table import Column
 
+        stream = sys.stderr
+        console = Console(file=stream)
         self._bar = Progress(
-            TextColumn("[bold]scoring"),
-            BarColumn(),
-            TaskProgressColumn(),
-            TextColumn("{task.fields[detail]}"),
-            console=Console(stderr=True),
-            redirect_stderr=True,
+            TextColumn("{task.fields[percent]}", table_column=Column(min_width=4, no_wrap=True)),
+            TextColumn("ETA {task.fields[eta]}", table_column=Column(min_width=12, no_wrap=True)),
+            BarColumn(bar_width=BAR_WIDTH),
+            TextColumn(
+                "{task.fields[detail]}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+            ),
+            console=console,
+            redirect_stderr=False,
             redirect_stdout=False,
         )
         self._bar.start()
-        self._task = self._bar.add_task("run", total=self.state.bytes_total or None, detail="")
+        self._task = self._bar.add_task(
+            "run", total=None, detail="starting", percent="  ?%", eta="unknown"
+        )
+        self._restore_stderr = stream
+        sys.stderr = LinesAbove(console, stream)
+
+    def _close_bar(self) -> None:
+        sys.stderr = self._restore_stderr
+        self._bar.stop()
 
     def _draw(self, s: dict[str, Any]) -> None:
         detail = (
-            f"{s['objects_done']}/{s['objects_total']} objects · "
-            f"{s['bytes_read'] / 1048576:.1f}/{s['bytes_total'] / 1048576:.1f} MB · "
-            f"{s['rows_read']:,} rows · {s['rows_per_second']:,}/s · "
-            f"{s['scored']:,} scored · {s['failed']:,} failed · {s['invalid']:,} invalid · "
-            f"ETA {_duration(s['eta_seconds'])}"
+            f"{s['rows_read']:,} rows · {s['scored']:,} scored · {s['failed']:,} failed · "
+            f"{s['invalid']:,} invalid · {s['objects_done']}/{s['objects_total']} objects · "
+            f"{s['rows_per_second']:,}/s · "
+            f"{s['bytes_read'] / 1048576:.1f}/{s['bytes_total'] / 1048576:.1f} MB"
         )
+        # rich shrinks every column when one is too long: cut the details to the room left.
+        room = max(self._bar.console.width - FIXED_COLUMNS_WIDTH, 8)
+        if len(detail) > room:
+            detail = detail[: room - 1] + "…"
+        percent = f"{s['percent']:3.0f}%" if s["percent"] is not None else "  ?%"
         self._bar.update(
-            self._task, completed=s["bytes_read"], total=s["bytes_total"] or None, detail=detail
+            self._task,
+            completed=s["rows_done"],
+            total=s["rows_expected"],
+            detail=detail,
+            percent=percent,
+            eta=_duration(s["eta_seconds"]),
         )
+
+
+class LinesAbove(io.TextIOBase):
+    """Stands in for stderr while the bar is live: each complete line is printed above
+    the bar as it is, soft-wrapped by the terminal (rich's own redirect cuts lines at the
+    terminal's width, so a long log line became several)."""
+
+    def __init__(self, console: Any, stream: IO[str]) -> None:
+        super().__init__()
+        self._console = console
+        self._stream = stream
+        self._partial = ""
+
+    @property
+    def rich_proxied_file(self) -> IO[str]:
+        return self._stream
+
+    def write(self, text: str) -> int:
+        from rich.text import Text
+
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            self._console.print(
+                Text("\n".join(lines)), soft_wrap=True, highlight=False, markup=False
+            )
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
 
 
 @dataclass
@@ -293,17 +380,21 @@ class StageTimes:
             stage = max(busiest, key=lambda k: busiest[k])
         return stage
 
-    def lines(self) -> list[str]:
+    def lines(self, advise: bool = True) -> list[str]:
+        """The summary's lines; `advise` adds the limiting stage and what to tune, which
+        only a run that did its work normally can say (not an empty, skipped or failed one)."""
         hints = {
             "score": "raise API_MAX_WORKERS (if the model has capacity) or API_BATCH_SIZE",
             "read": "reading and validating is the limit: faster storage, or split the input into more objects",
             "write": "raise DB_ROW_BATCH_SIZE, or give PostgreSQL more resources",
         }
         stage = self.limited_by()
-        return [
+        lines = [
             f"stage times:   read {self.read:.1f}s, validate {self.validate:.1f}s, "
             f"score {self.score:.1f}s over {self.workers} workers, write {self.write:.1f}s",
             f"waiting:       reader waited {self.reader_waited:.1f}s on a full queue; writer waited "
             f"{self.writer_waited_on_score:.1f}s on scoring, {self.writer_waited_on_read:.1f}s on reading",
-            f"limited by:    {stage} ({hints[stage]})",
         ]
+        if advise:
+            lines.append(f"limited by:    {stage} ({hints[stage]})")
+        return lines

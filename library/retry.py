@@ -23,6 +23,7 @@ from library.errors import ConfigError, PipelineError
 from library.flow import ScoreAndWrite, Stopping, StopSignal
 from library.models import LINE_COLUMN, Counts, SourceObject, ValidatedChunk
 from library.run import RunReport, decide, finish_run, ledger_session
+from library.score.ready import wait_until_ready
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
         error: PipelineError | None = None
         try:
             try:
+                wait_until_ready(
+                    flow.client.check_ready, settings.API_WAIT_READY, stop.event, lambda: stop.error
+                )
                 flow.start()
                 for number, chunk in enumerate(failed_chunks(url, run, settings.ROW_BATCH_SIZE)):
                     chunk.valid = flow.prepare(chunk.valid, chunk.obj)

@@ -38,7 +38,9 @@ from library.group import GroupStopped, RunGroup
 from library.ledger import Ledger, RunStatus
 from library.metrics import RunMetrics
 from library.models import Counts, SourceObject
+from library.plan import InvalidReasons, PlannedObject, ledger_state, plan_objects
 from library.progress import LiveState, Reporter, StageTimes
+from library.score.ready import wait_until_ready
 from library.validate import validate_chunk
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,9 @@ class RunReport:
     stage_times: StageTimes | None = None
     objects_found: int | None = None  # by the listing of SOURCE_URI; None: not listed
     progress: dict[str, Any] | None = None  # ProgressSamples.as_dict(): the run over time
+    plan: list[PlannedObject] | None = None  # dry runs: what a real run would do
+    plan_note: str | None = None  # dry runs: why the ledger could not be checked
+    invalid_reasons: InvalidReasons | None = None  # dry runs
 
     @property
     def seconds(self) -> float:
@@ -111,6 +116,14 @@ class RunReport:
             "objects_found": self.objects_found,
             "progress": self.progress,
             "error": self.error,
+            **(self._plan() if self.dry_run else {}),
+        }
+
+    def _plan(self) -> dict[str, Any]:
+        return {
+            "plan": [p.as_dict() for p in self.plan or []],
+            "plan_note": self.plan_note,
+            "invalid_reasons": self.invalid_reasons.as_list() if self.invalid_reasons else [],
         }
 
 
@@ -149,7 +162,8 @@ def database(settings: Settings) -> Iterator[tuple[str, str]]:
         log.info(
             "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
         )
-        yield embedded, embedded
+        # Its folder, not only its URL: the socket may live elsewhere when the path is long.
+        yield embedded, f"{embedded} (embedded, in {folder})"
 
 
 @contextmanager
@@ -340,8 +354,10 @@ class Run:
             self.metrics.set_counts(flow.sink.run.counts)
             self.metrics.concurrency.set(flow.client.limiter.limit)
 
+        # JSON logs are for a log pipeline: a live bar on stderr would be lines it cannot parse.
+        json_logs = settings.LOG_FORMAT == "json" and settings.PROGRESS == "auto"
         reporter = Reporter(
-            settings.PROGRESS,
+            "log" if json_logs else settings.PROGRESS,
             settings.PROGRESS_INTERVAL,
             self.live,
             lambda: flow.sink.run.counts,
@@ -351,12 +367,19 @@ class Run:
         )
         self.reporter = reporter
         try:
+            wait_until_ready(
+                flow.client.check_ready,
+                settings.API_WAIT_READY,
+                self.stop.event,
+                lambda: self.stop.error,
+            )
             flow.start()
             reporter.start()
             self._feed(objects, ledger, group, run_id, s3, flow)
         except Stopping:
             pass
         finally:
+            logs.set_context()  # what follows is about the run, not the last object read
             try:
                 flow.finish()
             finally:
@@ -381,7 +404,7 @@ class Run:
             if claim.status == "completed":
                 log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
                 self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
-                self.live.finish_object(obj.size)
+                self.live.skip_object(obj.size)
                 flow.skip()
                 continue
             if claim.status == "locked":
@@ -391,7 +414,7 @@ class Run:
                     claim.held_by or "unknown",
                 )
                 self.outcomes.append(ObjectOutcome(obj.uri, "locked"))
-                self.live.finish_object(obj.size)
+                self.live.skip_object(obj.size)
                 continue
             if claim.status == "resume":
                 log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
@@ -498,7 +521,8 @@ def finish_run(ledger: Ledger, report: RunReport) -> None:
 
 
 class DryRun:
-    """Read and validate everything; no API call, no database, no write."""
+    """A plan: which objects a run would read, skip or resume (from the ledger, read only,
+    when a database is there), then read and validate those: no API call, no write."""
 
     def __init__(self, settings: Settings, options: RunOptions, stop: StopSignal) -> None:
         self.settings = settings
@@ -513,6 +537,9 @@ class DryRun:
         log.info("Starting batch pipeline (dry run: no API calls, no writes)")
         counts = Counts()
         outcomes: list[ObjectOutcome] = []
+        plan: list[PlannedObject] = []
+        note: str | None = None
+        reasons = InvalidReasons()
         error: PipelineError | None = None
         found: int | None = None
         try:
@@ -522,9 +549,16 @@ class DryRun:
             check_found(objects, settings)
             if self.options.limit is not None:
                 objects = objects[: self.options.limit]
-            for obj in objects:
+            state, note = ledger_state(settings, objects)
+            if note:
+                log.warning("Dry run: %s; every object is counted as to be read", note)
+            plan = plan_objects(objects, state, self.options.reprocess)
+            for obj, planned in zip(objects, plan, strict=True):
                 if self.stop.is_set():
                     break
+                if planned.action == "skip":
+                    outcomes.append(ObjectOutcome(obj.uri, "skipped"))
+                    continue
                 outcome = ObjectOutcome(obj.uri, "completed")
                 outcomes.append(outcome)
                 try:
@@ -533,9 +567,11 @@ class DryRun:
                             obj,
                             text,
                             settings.ROW_BATCH_SIZE,
+                            planned.resume_after_line,
                             max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
                         ):
                             validated = validate_chunk(chunk)
+                            reasons.add(obj.uri, validated.invalid)
                             c = Counts(
                                 read=chunk.rows_read,
                                 valid=validated.valid.height,
@@ -565,4 +601,7 @@ class DryRun:
             error=message,
             dry_run=True,
             objects_found=found,
+            plan=plan,
+            plan_note=note,
+            invalid_reasons=reasons,
         )

@@ -263,6 +263,9 @@ def cli_env(s3_endpoint: str, database_url: str, model_url: str, tmp_path: Path)
         API_RETRY_BACKOFF="0.05",
         API_RETRY_BACKOFF_MAX="0.5",
         EMBEDDED_DB_DIR=str(tmp_path / "embedded-pg"),
+        # Tests point runs at dead ports on purpose: fail at once instead of waiting
+        # API_WAIT_READY for a model that will never start (tests of the wait set it).
+        API_WAIT_READY="0",
         PYTHONUNBUFFERED="1",
     )
     return env

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from library.config import Settings
 from pipeline.batch.main import build_parser, flag_name
 
@@ -74,3 +76,45 @@ def test_the_readme_starts_the_model_servers_as_the_tests_do(tmp_path: Path) -> 
     runs = [line for line in block.splitlines() if "batch-pipeline run" in line]
     assert len(runs) == 2 and all("--reprocess" in line for line in runs)
     assert block.count("until python3 -c") == 2
+def help_of(command: str) -> str:
+    parser = subcommands()[command]
+    return parser.format_help()  # type: ignore[attr-defined,no-any-return]
+
+
+def test_each_setting_is_in_exactly_one_group() -> None:
+    from pipeline.batch.main import COMMAND_GROUPS, SETTING_GROUPS
+
+    grouped = [name for names in SETTING_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(Settings.model_fields)
+    assert set(COMMAND_GROUPS) == set(subcommands()) - {"model-server", "schema"}
+    for groups in COMMAND_GROUPS.values():
+        assert set(groups) <= set(SETTING_GROUPS)
+
+
+def test_each_command_lists_only_the_settings_it_uses() -> None:
+    status = help_of("status")
+    assert len(status.splitlines()) < 60, status
+    assert "--database-url" in status and "--embedded-db-dir" in status
+    for unused in ("--api-max-workers", "--source", "--ml-api-url", "--progress", "--metrics-job"):
+        assert unused not in status
+    check = help_of("check")
+    for used in ("--source", "--ml-api-url", "--ml-api-protocol", "--pushgateway-url"):
+        assert used in check
+    assert "--db-row-batch-size" not in check and "--api-wait-ready" not in check
+    retry = help_of("retry-failed")
+    assert "--api-wait-ready" in retry and "--source" not in retry
+    assert "--max-invalid-ratio" not in retry  # retry-failed checks no ratio
+    assert "--source" not in help_of("schema") and "--database-url" not in help_of("schema")
+
+
+def test_version_and_run_id_are_documented(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.batch.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert re.fullmatch(r"batch-pipeline \d+\.\d+\.\d+\n", capsys.readouterr().out)
+    top = build_parser().format_help()
+    assert "RUN_ID: each run's id, batch_YYYYMMDD_HHMMSS" in top
+    assert "batch_YYYYMMDD_HHMMSS" in help_of("status")
+    assert "`RUN_ID`" in README and "batch_YYYYMMDD_HHMMSS" in README

@@ -358,7 +358,12 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     import subprocess
     import sys
 
-    env = {k: v for k, v in cli_env.items() if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR")}
+    env = {
+        k: v
+        for k, v in cli_env.items()
+        if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR", "XDG_DATA_HOME")
+    }
+    env["HOME"] = str(tmp_path / "home")  # the per-user database, never the real home's
     env["UV"] = "/usr/local/bin/uv"  # as `python3 -m uv run` sets it
     demo = subprocess.run(
         [sys.executable, "-m", "pipeline.batch.main", "demo", "--rows", "600"],
@@ -375,7 +380,9 @@ def test_demo_runs_the_real_job_on_the_embedded_database(
     assert 'python3 -m uv run --no-dev batch-pipeline query "SELECT prediction, COUNT(*)' in (
         demo.stdout
     )
-    assert str(tmp_path / ".batch-pipeline" / "postgres") in demo.stdout
+    assert (
+        str(tmp_path / "home" / ".local" / "share" / "batch-pipeline" / "postgres") in demo.stdout
+    )
     query = subprocess.run(
         [
             sys.executable,

@@ -44,8 +44,8 @@ def test_progress_lines_when_not_a_terminal(slow_env: dict[str, str]) -> None:
     lines = [line for line in result.stderr.splitlines() if " - Progress: " in line]
     assert len(lines) >= 2
     assert re.search(
-        r"Progress: \d/2 objects, [\d.]+ of [\d.]+ MB \(\d+%\), [\d,]+ rows read \([\d,]+ rows/s\), "
-        r"[\d,]+ scored, \d+ failed, \d+ invalid, ETA \d:\d\d:\d\d",
+        r"Progress: \d+% of rows done, ETA \d:\d\d:\d\d; \d/2 objects, [\d.]+ of [\d.]+ MB, "
+        r"[\d,]+ rows read \([\d,]+ rows/s\), [\d,]+ scored, \d+ failed, \d+ invalid",
         lines[-1],
     ), lines[-1]
 
@@ -56,9 +56,15 @@ def test_progress_off_prints_no_progress(slow_env: dict[str, str]) -> None:
     assert "Progress:" not in result.stderr
 
 
-def test_a_live_bar_on_a_terminal_does_not_garble_log_lines(slow_env: dict[str, str]) -> None:
+def run_on_a_terminal(env: dict[str, str], columns: int) -> tuple[int, str]:
+    """The real CLI on a pty `columns` wide; its whole output, as the terminal got it."""
+    import fcntl
+    import struct
+    import termios
+
     primary, secondary = pty.openpty()
-    env = {**slow_env, "PROGRESS": "auto", "COLUMNS": "200", "TERM": "xterm"}
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {**env, "PROGRESS": "auto", "COLUMNS": str(columns), "TERM": "xterm"}
     proc = subprocess.Popen(
         [*CLI, "run"], cwd=ROOT, env=env, stdin=secondary, stdout=secondary, stderr=secondary
     )
@@ -74,9 +80,13 @@ def test_a_live_bar_on_a_terminal_does_not_garble_log_lines(slow_env: dict[str, 
         output += data
     proc.wait(60)
     os.close(primary)
-    text = output.decode("utf-8", "replace")
-    assert proc.returncode == 3, text
-    assert "scoring" in text and "2/2 objects" in text and "rows" in text  # the bar was drawn
+    return proc.returncode, output.decode("utf-8", "replace")
+
+
+def test_a_live_bar_on_a_terminal_does_not_garble_log_lines(slow_env: dict[str, str]) -> None:
+    code, text = run_on_a_terminal(slow_env, 200)
+    assert code == 3, text
+    assert "2/2 objects" in text and "3,001 rows" in text and "ETA" in text  # the bar
     assert " - Progress: " not in text  # a bar, not log lines
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
     # Log lines printed during the bar come out whole, each on its own line.
@@ -86,6 +96,45 @@ def test_a_live_bar_on_a_terminal_does_not_garble_log_lines(slow_env: dict[str, 
     ):
         [line] = [line for line in plain.splitlines() if expected in line]
         assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d - INFO - ", line.strip()), line
+
+
+def test_the_bar_fits_80_columns_with_the_eta_first_and_log_lines_unwrapped(
+    slow_env: dict[str, str],
+) -> None:
+    code, text = run_on_a_terminal(slow_env, 80)
+    assert code == 3, text
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "\n")
+    bars = [line for line in plain.splitlines() if re.match(r"^ *(\d+|\?)% ETA ", line)]
+    assert bars, plain
+    assert all(len(line.rstrip()) <= 80 for line in bars), [len(b) for b in bars]
+    assert re.match(r"^100% ETA 0:00:00 +━+ 3,001 rows · 3,000 scored · 0 failed · 1 in", bars[-1])
+    # A log line longer than the terminal is one line, left to the terminal to wrap.
+    [done] = [line for line in plain.splitlines() if "- INFO - Pipeline complete: 3000" in line]
+    batches = [line for line in plain.splitlines() if " - INFO - Batch " in line]
+    assert batches and all(line.rstrip().endswith(".csv") for line in batches)
+    assert max(len(line) for line in batches) > 80
+    assert done.rstrip().endswith("invalid")
+
+
+def test_eta_follows_rows_done_against_rows_expected() -> None:
+    from library.models import Counts
+    from library.progress import LiveState, describe, snapshot
+
+    state = LiveState(objects_total=3, bytes_total=3_000_000)
+    state.started -= 10  # 10 s into the run
+    state.skip_object(1_000_000)  # completed already: neither its bytes nor its rows count
+    state.bytes_finished += 1_000_000  # half of what is to be read is read: 40,000 rows
+    state.rows_read = 40_000
+    s = snapshot(state, Counts(read=20_000))  # 20,000 rows written in 10 s
+    assert s["rows_expected"] == 80_000 and s["rows_done"] == 20_000
+    assert s["percent"] == 25.0
+    assert s["eta_seconds"] == 30  # 60,000 rows left at 2,000 rows/s
+    assert describe(s).startswith("25% of rows done, ETA 0:00:30; 1/3 objects, 1.9 of 2.9 MB")
+    # Everything read (the bytes say 100%) but a quarter not yet written: the ETA is not 0.
+    state.bytes_finished = 3_000_000
+    state.rows_read = 80_000
+    s = snapshot(state, Counts(read=60_000))
+    assert s["rows_expected"] == 80_000 and s["percent"] == 75.0 and s["eta_seconds"] >= 3
 
 
 def test_json_logs_carry_run_object_batch_and_stage(
@@ -272,3 +321,46 @@ def test_summary_shows_stage_times_and_the_limiting_stage(
     assert "limited by:    score" in result.stdout  # a slow model and two workers
     stored = database.value("SELECT summary->'stage_times' FROM pipeline_runs")
     assert stored["limited_by"] == "score" and stored["score"] > 1.0
+
+
+def test_json_logs_make_every_line_of_both_streams_one_json_object(
+    bucket: Bucket, cli_env: dict[str, str]
+) -> None:
+    bucket.put("in/a.csv", to_csv([*rows(30), row(99, amount="-2")]))
+    bucket.put("in/b.csv", to_csv(rows(10, start=100)))
+    env = {
+        **cli_env,
+        "SOURCE_URI": bucket.uri("in/"),
+        "LOG_FORMAT": "json",
+        "MAX_INVALID_RATIO": "1",
+    }
+    result = run_cli(["run"], env)
+    assert result.code == 3, result.output
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    [summary] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert summary["message"] == "Run summary" and summary["level"] == "INFO"
+    s = summary["summary"]
+    assert summary["run_id"] == s["run_id"] and s["status"] == "completed_with_errors"
+    assert s["rows"] == {"read": 41, "valid": 40, "invalid": 1, "scored": 40, "failed": 0}
+    assert s["objects"] == {"completed": 2} and s["exit_code"] == 3
+    assert s["stage_times"]["limited_by"] in ("read", "score", "write")
+    # Run-level lines carry the run, not the context of the last object read.
+    for message in ("Successfully wrote", "Pipeline complete", "Found 2 object(s)"):
+        [line] = [r for r in records if r["message"].startswith(message)]
+        assert line["run_id"] == s["run_id"]
+        assert "object" not in line and "stage" not in line and "batch" not in line, line
+    assert any(r.get("object", "").endswith("in/b.csv") for r in records)
+
+    again = run_cli(["run"], env)
+    [skipped] = [json.loads(line) for line in again.stdout.splitlines()]
+    assert skipped["summary"]["notes"] == [
+        "every object was skipped: already completed at this version; "
+        "use --reprocess to read them again"
+    ]
+    assert "limited_by" not in (skipped["summary"]["stage_times"] or {})
+
+    down = run_cli(["run", "--reprocess"], {**env, "ML_API_URL": "http://127.0.0.1:9"})
+    assert down.code == 1
+    [failed] = [json.loads(line) for line in down.stdout.splitlines()]
+    assert failed["level"] == "ERROR" and "cannot reach the ML API" in failed["summary"]["error"]
+    assert all(json.loads(line) for line in down.stderr.splitlines())

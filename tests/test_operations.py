@@ -6,8 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import subprocess
+import time
+from pathlib import Path
 
-from tests.conftest import Bucket, Database, run_cli
+from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli
 from tests.helpers.data import row, rows, to_csv
 from tests.helpers.fake_model import FakeModel
 
@@ -76,9 +80,10 @@ def test_retry_failed_scores_failures_again_and_resolves_them(
     first_run = database.value(
         "SELECT run_id FROM pipeline_runs ORDER BY started_at, run_id LIMIT 1"
     )
-    assert (
-        run_cli(["retry-failed", "--run", "batch_19990101_000000"], env).code == 0
-    )  # nothing of that run
+    nothing = run_cli(["retry-failed", "--run", "batch_19990101_000000"], env)
+    assert nothing.code == 0  # nothing of that run
+    assert "note:          nothing to score again: no unresolved failure" in nothing.stdout
+    assert "limited by" not in nothing.stdout
     assert database.value("SELECT count(*) FROM failed_transactions WHERE resolved_at IS NULL") == 1
     last = run_cli(["retry-failed"], env)
     assert last.code == 0, last.output
@@ -213,3 +218,220 @@ def test_failed_ratio_fails_the_run_with_exit_4(
     assert (
         "MAX_FAILED_RATIO crossed: 8 of 50 valid transactions could not be scored" in result.stderr
     )
+
+
+def test_a_run_waits_for_a_model_that_is_still_starting(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(20)))
+    port = free_port()
+    env = {
+        **cli_env,
+        "SOURCE_URI": bucket.uri("in/"),
+        "ML_API_URL": f"http://127.0.0.1:{port}",
+        "API_WAIT_READY": "60",
+    }
+    run = subprocess.Popen(
+        [*CLI, "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    model: subprocess.Popen[bytes] | None = None
+    try:
+        assert run.stderr is not None
+        seen = []
+        for line in run.stderr:  # the model starts only once the run has found it missing
+            seen.append(line)
+            if "The ML API is not ready yet" in line:
+                break
+        assert "connection refused" in seen[-1] and "waiting up to 60s" in seen[-1], seen
+        model = subprocess.Popen(
+            [*CLI, "model-server", "--port", str(port)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        stdout, rest = run.communicate(timeout=60)
+    finally:
+        run.kill()
+        if model is not None:
+            model.terminate()
+            model.wait(10)
+    assert run.returncode == 0, "".join(seen) + rest
+    assert re.search(r"The ML API is ready after \d+\.\ds", rest), rest
+    assert "completed (exit 0)" in stdout
+    assert database.value("SELECT count(*) FROM predictions") == 20
+
+
+def test_the_wait_for_the_model_is_bounded_and_the_error_printed_once(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(20)))
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**cli_env, "SOURCE_URI": bucket.uri("in/"), "ML_API_URL": dead, "API_WAIT_READY": "1.5"}
+    began = time.monotonic()
+    result = run_cli(["run"], env)
+    assert time.monotonic() - began < 15
+    assert result.code == 1, result.output
+    message = f"cannot reach the ML API at {dead}/health: connection refused"
+    assert result.output.count(message + "; check ML_API_URL") == 2  # the wait's notice, the error
+    assert (
+        f"{message}; check ML_API_URL and that the service is running (waited 2s: API_WAIT_READY=1.5)"
+        in result.stderr
+    )
+    assert result.output.count("API_WAIT_READY=1.5)") == 1
+    assert "status:        failed (exit 1): the error is logged above" in result.stdout
+    # A run that did nothing gives no tuning advice and no concurrency figures.
+    assert "limited by" not in result.stdout and "concurrency" not in result.stdout
+    assert "stage times" not in result.stdout
+    assert database.value("SELECT error FROM pipeline_runs").endswith("API_WAIT_READY=1.5)")
+
+
+def test_runs_lists_recent_runs_and_status_speaks_json(
+    bucket: Bucket, cli_env: dict[str, str], fake_model: FakeModel
+) -> None:
+    env, run_id = run_with_errors(bucket, cli_env, fake_model)
+    second = run_cli(["run"], env)
+    assert second.code == 0, second.output
+    assert (
+        "note:          every object was skipped: already completed at this version; use --reprocess to read them again"
+        in second.stdout
+    )
+    assert "limited by" not in second.stdout and "stage times" not in second.stdout
+    second_id = second.stdout.split()[1]
+
+    listed = run_cli(["runs"], env)
+    assert listed.code == 0, listed.output
+    header, rule, newest, oldest = listed.stdout.splitlines()
+    assert header.split(" | ")[0].strip() == "run_id" and set(rule) <= {"-", "+"}
+    assert newest.startswith(second_id) and " completed " in newest and "2 skipped" in newest
+    assert oldest.startswith(run_id) and "completed_with_errors" in oldest
+    assert [c.strip() for c in oldest.split(" | ")[4:8]] == ["33", "3", "29", "1"]
+    as_json = json.loads(run_cli(["runs", "--format", "json", "--limit", "1"], env).stdout)
+    assert [r["run_id"] for r in as_json] == [second_id]
+    assert as_json[0]["objects_skipped"] == 2
+
+    status = json.loads(run_cli(["status", run_id, "--format", "json"], env).stdout)
+    assert status["run_id"] == run_id and status["status"] == "completed_with_errors"
+    assert (status["rows_read"], status["rows_invalid"], status["rows_failed"]) == (33, 3, 1)
+    assert json.loads(run_cli(["status", "--format", "json"], env).stdout)["run_id"] == second_id
+
+
+def run_in(folder: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [*CLI, *args], cwd=folder, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_embedded_database_lives_in_one_per_user_place(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    env = {
+        k: v
+        for k, v in cli_env.items()
+        if k not in ("DATABASE_URL", "EMBEDDED_DB_DIR", "XDG_DATA_HOME")
+    }
+    env["HOME"] = str(home)
+    folder = home / ".local" / "share" / "batch-pipeline" / "postgres"
+    project = tmp_path / "project"
+    (project / "in").mkdir(parents=True)
+    (project / "in" / "a.csv").write_text(to_csv(rows(5)))
+    first = run_in(project, ["run", "--source", "in"], env)
+    assert first.returncode == 0, first.stderr
+    assert f"using the embedded PostgreSQL in {folder}" in first.stderr
+    # From another folder, status finds the same database and its run.
+    elsewhere = run_in(tmp_path / "elsewhere", ["status"], env)
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert "rows:        5 read" in elsewhere.stdout
+    assert not (tmp_path / "elsewhere" / ".batch-pipeline").exists()
+    assert not (project / ".batch-pipeline").exists()
+    # XDG_DATA_HOME moves it; a new, empty database says so instead of asking for --migrate.
+    xdg = run_in(
+        tmp_path / "elsewhere", ["status"], {**env, "XDG_DATA_HOME": str(tmp_path / "xdg")}
+    )
+    assert xdg.returncode == 1
+    assert "no run recorded yet" in xdg.stderr and "--migrate" not in xdg.stderr
+    assert (tmp_path / "xdg" / "batch-pipeline" / "postgres").is_dir()
+    checked = run_in(tmp_path, ["check"], env)
+    assert f"ok    database    embedded PostgreSQL in {folder}:" in checked.stdout
+
+
+def test_dry_run_is_a_plan_from_the_ledger(
+    bucket: Bucket, cli_env: dict[str, str], database: Database
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(10)))
+    env = {**cli_env, "SOURCE_URI": bucket.uri("in/"), "MAX_INVALID_RATIO": "1"}
+    assert run_cli(["run"], env).code == 0
+    bucket.put(
+        "in/b.csv", to_csv([*rows(5, start=100), row(190, amount="-1"), row(191, amount="0")])
+    )
+    c_uri = bucket.put("in/c.csv", to_csv([*rows(8, start=200), row(290, currency="eur")]))
+    etag = bucket.client.head_object(Bucket=bucket.name, Key="in/c.csv")["ETag"].strip('"')
+    # A run died in c.csv after line 5 (rows of lines 2-5 are stored).
+    database.execute(
+        """INSERT INTO source_objects (source_uri, source_version, status, checkpoint_line, run_id)
+           VALUES (%s, %s, 'processing', 5, (SELECT run_id FROM pipeline_runs))""",
+        (c_uri, etag),
+    )
+    before = database.rows(
+        "SELECT count(*) FROM pipeline_runs UNION ALL SELECT count(*) FROM transactions"
+    )
+    result = run_cli(["run", "--dry-run"], env)
+    assert result.code == 3, result.output
+    plan = [line[15:] for line in result.stdout.splitlines() if line.startswith(("plan:", "    "))]
+    a_kb = len(to_csv(rows(10)).encode()) / 1024
+    assert plan[0] == (
+        f"skip   {bucket.uri('in/a.csv')} ({a_kb:.1f} KB): already completed at this version "
+        "(use --reprocess to read it again)"
+    )
+    assert plan[1].startswith(f"read   {bucket.uri('in/b.csv')} (")
+    assert plan[2].startswith(f"resume {c_uri} (") and plan[2].endswith(") after line 5")
+    assert "rows:          12 read, 9 valid, 3 invalid, 0 scored, 0 failed" in result.stdout
+    assert (
+        "invalid:       amount: must be greater than 0 (2 rows, e.g. b.csv:7, b.csv:8)"
+        in result.stdout
+    )
+    assert (
+        "currency: must be an ISO 4217 code: 3 upper-case letters (1 row, e.g. c.csv:10)"
+        in result.stdout
+    )
+    assert "objects:       2 completed, 1 skipped" in result.stdout
+    assert (
+        database.rows(
+            "SELECT count(*) FROM pipeline_runs UNION ALL SELECT count(*) FROM transactions"
+        )
+        == before
+    )
+    again = run_cli(["run", "--dry-run", "--reprocess"], env)
+    assert f"read   {bucket.uri('in/a.csv')}" in again.stdout and "22 read" in again.stdout
+
+
+def test_dry_run_without_a_database_says_it_could_not_check_the_ledger(
+    bucket: Bucket, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    bucket.put("in/a.csv", to_csv(rows(10)))
+    folder = tmp_path / "no-database-here"
+    env = {k: v for k, v in cli_env.items() if k != "DATABASE_URL"}
+    env.update(SOURCE_URI=bucket.uri("in/"), EMBEDDED_DB_DIR=str(folder))
+    result = run_cli(["run", "--dry-run"], env)
+    assert result.code == 0, result.output
+    assert (
+        "plan:          no database (DATABASE_URL unset, no embedded database yet): ledger not checked"
+        in result.stdout
+    )
+    assert f"read   {bucket.uri('in/a.csv')}" in result.stdout
+    assert "rows:          10 read, 10 valid, 0 invalid" in result.stdout
+    assert not folder.exists()
+
+
+def test_status_on_an_unmigrated_database_asks_for_migrate_not_a_flag_it_lacks(
+    cli_env: dict[str, str], empty_database_url: str
+) -> None:
+    env = {**cli_env, "DATABASE_URL": empty_database_url}
+    for command in (["status"], ["runs"]):
+        result = run_cli(command, env)
+        assert result.code == 2, result.output
+        assert "is not migrated (pending: V1__create_tables.sql" in result.stderr
+        assert "run `batch-pipeline migrate` first" in result.stderr
+        assert "--migrate" not in result.stderr

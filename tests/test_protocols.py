@@ -479,6 +479,20 @@ def test_clean_run_scores_every_row(
 
 
 @SERVER_TIMEOUT
+def test_check_asks_each_real_server_for_a_test_prediction(
+    server: ModelServer, trained: TrainedModels, bucket: Bucket, cli_env: dict[str, str]
+) -> None:
+    env, version = protocol_env(server, trained, cli_env)
+    bucket.put("in/a.csv", to_csv(rows(3)))
+    result = run_cli(["check", "--source", bucket.uri("in/")], env)
+    assert result.code == 0, result.output
+    [model] = [line for line in result.stdout.splitlines() if line.split()[1] == "model"]
+    protocol = "mlflow" if server.kind == "mlflow" else "v2"
+    assert model.startswith(f"ok    model       {server.url} ({protocol}): ready; test prediction")
+    assert model.endswith(f"model_version {version}")
+
+
+@SERVER_TIMEOUT
 def test_poison_rows_fail_alone_through_the_servers_own_400(
     server: ModelServer,
     trained: TrainedModels,

@@ -8,6 +8,7 @@ Every setting is an environment variable and a flag of the same name
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import signal
@@ -16,10 +17,12 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
+import orjson
 import psycopg
 
 from library import db, logs
 from library.config import Settings, client_secrets, load_settings
+from library.contract import SCHEMAS
 from library.errors import (
     EXIT_FAILED,
     EXIT_SIGINT,
@@ -28,35 +31,111 @@ from library.errors import (
     ConfigError,
     InterruptedRun,
     PipelineError,
+    SchemaNotReadyError,
 )
 
 log = logging.getLogger("batch_pipeline")
 
 FLAG_ALIASES = {"SOURCE_URI": ["--source"]}
+RUN_ID_HELP = (
+    "RUN_ID: each run's id, batch_YYYYMMDD_HHMMSS of its local start time (with _2, _3, ... "
+    "for runs started in the same second); printed at the start and in the summary, listed "
+    "by `batch-pipeline runs`, stored in pipeline_runs.run_id and in every row the run writes."
+)
 
 
 def flag_name(field: str) -> str:
     return "--" + field.lower().replace("_", "-")
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("settings (each also an environment variable)")
-    for name, info in Settings.model_fields.items():
-        default = info.default
-        shown = "none" if default is None else default
-        secret = (
-            " Prefer the environment variable: flags show in `ps`."
-            if name in ("SECRET", "DATABASE_URL")
-            else ""
+# Each command lists (and reads) only the settings it uses: `status --help` is short.
+SETTING_GROUPS: dict[str, tuple[str, ...]] = {
+    "source": ("SOURCE_URI", "KEY", "SECRET", "ENDPOINT_URL"),
+    "database": ("DATABASE_URL", "EMBEDDED_DB_DIR"),
+    "model": (
+        "ML_API_URL",
+        "ML_API_PROTOCOL",
+        "MODEL_NAME",
+        "MODEL_VERSION",
+        "ML_API_TOKEN",
+        "FRAUD_THRESHOLD",
+        "API_TIMEOUT",
+    ),
+    "scoring": (
+        "API_WAIT_READY",
+        "API_BATCH_SIZE",
+        "API_MAX_WORKERS",
+        "API_CONCURRENCY",
+        "API_RATE_LIMIT",
+        "API_DOWN_TIMEOUT",
+        "API_MAX_RETRIES",
+        "API_RETRY_BACKOFF",
+        "API_RETRY_BACKOFF_MAX",
+    ),
+    "reading and writing": ("ROW_BATCH_SIZE", "DB_ROW_BATCH_SIZE", "DB_FLUSH_INTERVAL"),
+    "thresholds": ("MAX_INVALID_RATIO", "MAX_FAILED_RATIO"),
+    "logs": ("LOG_LEVEL", "LOG_FORMAT"),
+    "progress": ("PROGRESS", "PROGRESS_INTERVAL"),
+    "metrics": ("PUSHGATEWAY_URL", "METRICS_TEXTFILE", "METRICS_JOB"),
+}
+READ_ONLY_GROUPS = ("database", "logs")
+COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
+    "run": tuple(SETTING_GROUPS),
+    "check": ("source", "database", "model", "metrics", "logs"),
+    "retry-failed": (
+        "database",
+        "model",
+        "scoring",
+        "reading and writing",
+        "logs",
+    ),
+    "demo": (
+        "database",
+        "scoring",
+        "reading and writing",
+        "thresholds",
+        "logs",
+        "progress",
+        "metrics",
+    ),
+    "migrate": READ_ONLY_GROUPS,
+    "status": READ_ONLY_GROUPS,
+    "runs": READ_ONLY_GROUPS,
+    "report": READ_ONLY_GROUPS,
+    "query": READ_ONLY_GROUPS,
+}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    fields = Settings.model_fields
+    for group_name in COMMAND_GROUPS[command]:
+        group = parser.add_argument_group(
+            f"{group_name} settings (each also an environment variable)"
         )
-        group.add_argument(
-            flag_name(name),
-            *FLAG_ALIASES.get(name, []),
-            dest=name,
-            metavar=name,
-            default=None,
-            help=f"{info.description} [env {name}, default {shown}]{secret}",
-        )
+        for name in SETTING_GROUPS[group_name]:
+            info = fields[name]
+            default = info.get_default(call_default_factory=True)
+            shown = "none" if default is None else default
+            secret = (
+                " Prefer the environment variable: flags show in `ps`."
+                if name in ("SECRET", "DATABASE_URL")
+                else ""
+            )
+            group.add_argument(
+                flag_name(name),
+                *FLAG_ALIASES.get(name, []),
+                dest=name,
+                metavar=name,
+                default=None,
+                help=f"{info.description} [env {name}, default {shown}]{secret}",
+            )
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("batch-pipeline")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="batch-pipeline",
         description="Stream transaction CSVs from S3 or local files, validate every row, "
         "score the valid ones against an ML API, and upsert everything into PostgreSQL.",
+        epilog=RUN_ID_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"batch-pipeline {package_version()}"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -78,20 +162,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--migrate", action="store_true", help="apply pending database migrations first"
     )
-    add_settings_flags(run)
+    add_settings_flags(run, "run")
+
+    check = commands.add_parser(
+        "check",
+        help="check the source, the database, the model and the Pushgateway; exit 0 if all pass",
+    )
+    add_settings_flags(check, "check")
 
     migrate = commands.add_parser("migrate", help="apply the pending database migrations")
-    add_settings_flags(migrate)
+    add_settings_flags(migrate, "migrate")
 
     retry = commands.add_parser(
         "retry-failed", help="score the transactions in failed_transactions again"
     )
     retry.add_argument("--run", metavar="RUN_ID", help="only the failures of this run")
-    add_settings_flags(retry)
+    add_settings_flags(retry, "retry-failed")
 
-    status = commands.add_parser("status", help="show a run (default: the latest)")
-    status.add_argument("run_id", nargs="?", metavar="RUN_ID")
-    add_settings_flags(status)
+    status = commands.add_parser(
+        "status", help="show a run (default: the latest)", epilog=RUN_ID_HELP
+    )
+    status.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the latest run")
+    status.add_argument("--format", choices=["text", "json"], default="text")
+    add_settings_flags(status, "status")
+
+    runs = commands.add_parser("runs", help="list the recent runs, newest first")
+    runs.add_argument(
+        "--limit", type=int, default=20, metavar="N", help="at most N runs [default 20]"
+    )
+    runs.add_argument("--format", choices=["text", "json"], default="text")
+    add_settings_flags(runs, "runs")
 
     report = commands.add_parser("report", help="write a run's report (default: the latest run)")
     report.add_argument("run_id", nargs="?", metavar="RUN_ID")
@@ -102,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="html: one self-contained page of charts (no network needed to open it)",
     )
     report.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of stdout")
-    add_settings_flags(report)
+    add_settings_flags(report, "report")
 
     demo = commands.add_parser(
         "demo",
@@ -111,13 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--rows", type=int, default=20_000, help="sample rows to generate [default 20000]"
     )
-    add_settings_flags(demo)
+    add_settings_flags(demo, "demo")
 
     query = commands.add_parser(
         "query", help="run one read-only SQL query against the database and print the rows"
     )
     query.add_argument("sql", help='e.g. "SELECT status, rows_read FROM pipeline_runs"')
-    add_settings_flags(query)
+    add_settings_flags(query, "query")
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the input row and of the /predict request and response",
+    )
+    schema.add_argument(
+        "which",
+        nargs="?",
+        choices=["all", *SCHEMAS],
+        default="all",
+        help="one schema, or all of them in one document [default all]",
+    )
 
     model = commands.add_parser(
         "model-server", help="serve the reference model API (for demos and tests)"
@@ -154,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "schema":
+        return cmd_schema(args)
     try:
         if args.command == "model-server":
             return cmd_model_server(args)
@@ -163,26 +277,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     secrets = settings.secret_values() + client_secrets()
     logs.setup_logging(settings.LOG_LEVEL, secrets, settings.LOG_FORMAT)
+    handlers = {
+        "run": cmd_run,
+        "check": cmd_check,
+        "migrate": cmd_migrate,
+        "retry-failed": cmd_retry_failed,
+        "status": cmd_status,
+        "runs": cmd_runs,
+        "report": cmd_report,
+        "demo": cmd_demo,
+        "query": cmd_query,
+    }
+    handler = handlers.get(args.command)
+    if handler is None:
+        parser.error(f"unknown command {args.command}")
     try:
-        if args.command == "run":
-            return cmd_run(args, settings)
-        if args.command == "migrate":
-            return cmd_migrate(settings)
-        if args.command == "retry-failed":
-            return cmd_retry_failed(args, settings)
-        if args.command == "status":
-            return cmd_status(args, settings)
-        if args.command == "report":
-            return cmd_report(args, settings)
-        if args.command == "demo":
-            return cmd_demo(args, settings)
-        if args.command == "query":
-            return cmd_query(args, settings)
+        return handler(args, settings)
     except PipelineError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    parser.error(f"unknown command {args.command}")
-    return EXIT_USAGE
 
 
 def install_signal_handlers(stop: Any) -> None:
@@ -220,29 +333,88 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     log.info(
         "Pipeline complete: %d processed, %d failed, %d invalid", c.scored, c.failed, c.invalid
     )
-    print_summary(report, settings.SOURCE_URI)
+    print_summary(report, settings)
     return report.exit_code
 
 
-def print_summary(report: Any, source_uri: str | None = None) -> None:
+ALL_SKIPPED_NOTE = (
+    "every object was skipped: already completed at this version; "
+    "use --reprocess to read them again"
+)
+
+
+def summary_notes(report: Any, retry: bool = False) -> list[str]:
+    """What a user should know about a run that did no work, instead of tuning advice."""
+    if retry:
+        done_nothing = report.counts.read == 0 and report.status == "completed"
+        return ["nothing to score again: no unresolved failure"] if done_nothing else []
+    statuses = [o.status for o in report.objects]
+    if statuses and all(s == "skipped" for s in statuses):
+        return [ALL_SKIPPED_NOTE]
+    if statuses and all(s in ("skipped", "locked") for s in statuses):
+        return ["no object was read: each was completed already or held by another run"]
+    if not statuses and report.status != "failed" and report.counts.read == 0:
+        return ["no object to read under SOURCE_URI"] if not report.dry_run else []
+    return []
+
+
+def plan_lines(report: Any) -> list[str]:
+    """A dry run's plan (read, skip, resume each object) and its invalid rows by reason."""
+    lines = [f"plan:          {report.plan_note}"] if report.plan_note else []
+    label = "plan:          "
+    for planned in report.plan or []:
+        lines.append(label + planned.describe())
+        label = " " * len(label)
+    label = "invalid:       "
+    for reason in report.invalid_reasons.lines() if report.invalid_reasons else []:
+        lines.append(label + reason)
+        label = " " * len(label)
+    return lines
+
+
+def did_work(report: Any) -> bool:
+    """A run that read rows and ended normally: only then do its stage times say anything."""
+    return report.counts.read > 0 and report.status in ("completed", "completed_with_errors")
+
+
+def print_summary(report: Any, settings: Settings, retry: bool = False) -> None:
+    """The end-of-run summary on stdout: text lines, or one JSON event with LOG_FORMAT=json.
+
+    The error itself is logged once, on stderr, before the summary; the summary
+    says the run failed and points there."""
     s = report.summary()
+    notes = summary_notes(report, retry)
+    if settings.LOG_FORMAT == "json":
+        s["notes"] = notes
+        s["database"] = report.database
+        if not did_work(report) and s.get("stage_times"):
+            s["stage_times"].pop("limited_by", None)
+        level = "ERROR" if report.status == "failed" else "INFO"
+        print(logs.json_event("Run summary", level, run_id=s["run_id"], summary=s), flush=True)
+        return
     rows = s["rows"]
     objects = ", ".join(f"{n} {k}" for k, n in sorted(s["objects"].items())) or "none"
     if s.get("objects_found") == 0:
-        objects = f"none found under {source_uri or 'SOURCE_URI'}"
+        objects = f"none found under {settings.SOURCE_URI or 'SOURCE_URI'}"
+    status = f"{s['status']} (exit {s['exit_code']})"
+    if s["error"]:
+        status += ": the error is logged above"
     lines = [
         f"run_id:        {s['run_id']}{' (dry run)' if s['dry_run'] else ''}",
-        f"status:        {s['status']} (exit {s['exit_code']})",
+        f"status:        {status}",
         f"rows:          {rows['read']} read, {rows['valid']} valid, {rows['invalid']} invalid, "
         f"{rows['scored']} scored, {rows['failed']} failed",
         f"objects:       {objects}",
         f"time:          {s['seconds']:.1f}s ({s['rows_per_second']:.0f} rows/s)",
     ]
+    lines.extend(f"note:          {note}" for note in notes)
+    if report.dry_run:
+        lines.extend(plan_lines(report))
     if s["model_version"]:
         lines.append(f"model_version: {s['model_version']}")
     if s.get("api_requests"):
         lines.append(f"api requests:  {s['api_requests']} ({s['api_retries']} retries)")
-    if s.get("concurrency"):
+    if s.get("concurrency") and s.get("api_requests"):
         c = s["concurrency"]
         if c["mode"] == "adaptive":
             lines.append(
@@ -251,12 +423,10 @@ def print_summary(report: Any, source_uri: str | None = None) -> None:
             )
         else:
             lines.append(f"concurrency:   fixed at {c['ceiling']}")
-    if report.stage_times is not None:
-        lines.extend(report.stage_times.lines())
+    if report.stage_times is not None and report.counts.read > 0:
+        lines.extend(report.stage_times.lines(advise=did_work(report)))
     if report.database:
         lines.append(f"database:      {report.database}")
-    if s["error"]:
-        lines.append(f"error:         {s['error']}")
     print("\n".join(lines), flush=True)
 
 
@@ -271,20 +441,31 @@ def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
     if report.error:
         log.error("Run %s %s: %s", report.run_id, report.status, report.error)
     log.info("Retry complete: %d scored, %d still failing", c.scored, c.failed)
-    print_summary(report)
+    print_summary(report, settings, retry=True)
     return report.exit_code
 
 
 def read_only(settings: Settings, action: Any) -> Any:
-    """Run `action(conn)` on the database in a read-only transaction."""
+    """Run `action(conn)` on the database in a read-only transaction.
+
+    The embedded database is migrated first, as `run` does, so a command run before
+    any `run` finds an empty history instead of a schema error."""
     from library.run import database
 
-    with database(settings) as (url, _shown):
-        conn = db.connect(url, "batch-pipeline report")
+    with database(settings) as (url, shown):
+        conn = db.connect(url, "batch-pipeline read")
         try:
+            with db.classified("reading the ledger"):
+                if settings.database_url is None:
+                    db.migrate(conn)
+                pending = db.pending_migrations(conn)
+            if pending:
+                raise SchemaNotReadyError(
+                    f"the database at {shown} is not migrated (pending: "
+                    f"{', '.join(m.script for m in pending)}); run `batch-pipeline migrate` first"
+                )
             with db.classified("reading the ledger"), conn.transaction():
                 conn.execute("SET TRANSACTION READ ONLY")
-                db.require_schema(conn)
                 return action(conn)
         finally:
             conn.close()
@@ -293,7 +474,55 @@ def read_only(settings: Settings, action: Any) -> Any:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from library.reports import render_status, run_status
 
-    print(render_status(read_only(settings, lambda c: run_status(c, args.run_id))))
+    status = read_only(settings, lambda c: run_status(c, args.run_id))
+    if args.format == "json":
+        print(orjson.dumps(status, default=str, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_status(status))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
+    from library.history import TEXT_COLUMNS, recent_runs, text_rows
+
+    if args.limit < 1:
+        raise ConfigError("--limit must be at least 1")
+    runs = read_only(settings, lambda c: recent_runs(c, args.limit))
+    if args.format == "json":
+        print(orjson.dumps(runs, default=str, option=orjson.OPT_INDENT_2).decode())
+    elif not runs:
+        print("no run recorded yet")
+    else:
+        print_table(list(TEXT_COLUMNS), text_rows(runs), count=False)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from library.check import run_checks
+
+    results = run_checks(settings)
+    for result in results:
+        if settings.LOG_FORMAT == "json":
+            level = "INFO" if result.ok else "ERROR"
+            line = logs.json_event(
+                result.line(), level, check=result.name, ok=result.ok, detail=result.detail
+            )
+        else:
+            line = result.line()
+        print(line, flush=True)
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        log.error("check failed: %s", ", ".join(failed))
+        return EXIT_FAILED
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from library.contract import json_schemas
+
+    schemas = json_schemas()
+    document = schemas if args.which == "all" else schemas[args.which]
+    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -323,10 +552,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     install_signal_handlers(stop)
     report = run_demo(settings, args.rows, DEMO_FOLDER, stop)
     c = report.counts
+    if report.error:
+        log.error("Run %s %s: %s", report.run_id, report.status, report.error)
     log.info(
         "Pipeline complete: %d processed, %d failed, %d invalid", c.scored, c.failed, c.invalid
     )
-    print_summary(report)
+    print_summary(report, settings)
     if report.status not in ("completed", "completed_with_errors"):
         return report.exit_code
     # Started by `python3 -m uv run --no-dev` (uv sets UV): batch-pipeline is not on the
@@ -334,6 +565,13 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     command = (
         "python3 -m uv run --no-dev batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
     )
+    if settings.LOG_FORMAT == "json":
+        print(
+            logs.json_event(
+                "Look at the predictions", "INFO", command=f"{command} query", sql=LOOK_QUERY
+            )
+        )
+        return 0
     print(
         f"\nThe sample has about 1% invalid rows and 1% duplicates on purpose: see invalid_rows.\n"
         f"Look at the predictions:\n\n"
@@ -361,17 +599,18 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def print_table(columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+def print_table(columns: list[str], rows: list[tuple[Any, ...]], count: bool = True) -> None:
     cells = [[("" if v is None else str(v)) for v in r] for r in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
     for r in cells:
         print(" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    if count:
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
 
 
-def cmd_migrate(settings: Settings) -> int:
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from library.run import database
 
     with database(settings) as (url, shown):
