@@ -51,14 +51,18 @@ def test_fail_on_empty_source_fails_the_run_and_says_why(
     env = {**cli_env, "SOURCE_URI": uri, "METRICS_TEXTFILE": str(textfile)}
     by_env = run_cli(["run"], {**env, "FAIL_ON_EMPTY_SOURCE": "true", "LOG_FORMAT": "json"})
     by_flag = run_cli(["run", "--fail-on-empty-source", "true"], env)
-    for result in (by_env, by_flag):
-        assert result.code == 1, result.output
-        assert "status:        failed (exit 1)" in result.stdout
-        assert f"objects:       none found under {uri}\n" in result.stdout
-        assert f"error:         no objects found under {uri}: " in result.stdout
-        assert "(FAIL_ON_EMPTY_SOURCE is set)" in result.stdout
-    [error] = [json.loads(line) for line in by_env.stderr.splitlines() if '"ERROR"' in line]
-    assert uri in error["message"] and error["run_id"].startswith("batch_")
+    assert by_flag.code == 1, by_flag.output
+    # The summary says the run failed and points at the error, logged once on stderr.
+    assert "status:        failed (exit 1): the error is logged above" in by_flag.stdout
+    assert f"objects:       none found under {uri}\n" in by_flag.stdout
+    assert f"no objects found under {uri}: " in by_flag.stderr
+    assert "(FAIL_ON_EMPTY_SOURCE is set)" in by_flag.stderr
+    # With JSON logs, the summary is one JSON event on stdout.
+    assert by_env.code == 1, by_env.output
+    [summary] = [json.loads(line) for line in by_env.stdout.splitlines()]
+    assert summary["summary"]["status"] == "failed" and summary["summary"]["exit_code"] == 1
+    errors = [json.loads(line) for line in by_env.stderr.splitlines() if '"ERROR"' in line]
+    assert any(uri in e["message"] and e["run_id"].startswith("batch_") for e in errors)
     stored = database.rows("SELECT status, error FROM pipeline_runs ORDER BY started_at")
     assert [s for s, _ in stored] == ["failed", "failed"]
     assert all(
@@ -85,4 +89,4 @@ def test_an_empty_local_folder_in_a_run_and_a_dry_run(
         assert f"objects:       none found under {folder}\n" in result.stdout
         failed = run_cli(command, {**env, "FAIL_ON_EMPTY_SOURCE": "1"})
         assert failed.code == 1, failed.output
-        assert f"error:         no objects found under {folder}: " in failed.stdout
+        assert f"no objects found under {folder}: " in failed.stderr

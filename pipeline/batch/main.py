@@ -50,8 +50,15 @@ def flag_name(field: str) -> str:
 
 # Each command lists (and reads) only the settings it uses: `status --help` is short.
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
-    "source": ("SOURCE_URI", "KEY", "SECRET", "ENDPOINT_URL"),
-    "database": ("DATABASE_URL", "EMBEDDED_DB_DIR"),
+    "source": (
+        "SOURCE_URI",
+        "KEY",
+        "SECRET",
+        "ENDPOINT_URL",
+        "MAX_QUOTED_FIELD_CHARS",
+        "FAIL_ON_EMPTY_SOURCE",
+    ),
+    "database": ("DATABASE_URL", "EMBEDDED_DB_DIR", "DB_RETRY_TIMEOUT"),
     "model": (
         "ML_API_URL",
         "ML_API_PROTOCOL",
@@ -73,7 +80,8 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "API_RETRY_BACKOFF_MAX",
     ),
     "reading and writing": ("ROW_BATCH_SIZE", "DB_ROW_BATCH_SIZE", "DB_FLUSH_INTERVAL"),
-    "thresholds": ("MAX_INVALID_RATIO", "MAX_FAILED_RATIO"),
+    "thresholds": ("MAX_INVALID_RATIO", "MAX_FAILED_RATIO", "COMPLETED_WITH_ERRORS_EXIT_CODE"),
+    "scale-out": ("RUN_GROUP", "JOB_COMPLETION_INDEX"),
     "logs": ("LOG_LEVEL", "LOG_FORMAT"),
     "progress": ("PROGRESS", "PROGRESS_INTERVAL"),
     "metrics": ("PUSHGATEWAY_URL", "METRICS_TEXTFILE", "METRICS_JOB"),
@@ -161,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--migrate", action="store_true", help="apply pending database migrations first"
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run N worker processes in one run group (RUN_GROUP, or a new one), sharing "
+        "the objects; exit with the group's code [default: one process, no group]",
     )
     add_settings_flags(run, "run")
 
@@ -266,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `run --workers N`
     if args.command == "schema":
         return cmd_schema(args)
     try:
@@ -318,6 +334,15 @@ def install_signal_handlers(stop: Any) -> None:
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from library.run import RunOptions, StopSignal, run_pipeline
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if args.workers is not None:
+        from library.workers import run_workers, without_workers_flag
+
+        if args.dry_run:
+            raise ConfigError("--workers goes with a real run, not --dry-run")
+        return run_workers(args.workers, without_workers_flag(args.argv), os.environ)
 
     options = RunOptions(
         dry_run=args.dry_run, limit=args.limit, reprocess=args.reprocess, migrate=args.migrate
