@@ -137,8 +137,7 @@ class RunGroup:
                     (name, source_uri, len(objects)),
                 )
                 listed = [
-                    {"p": i, "u": o.uri, "v": o.version, "s": o.size}
-                    for i, o in enumerate(objects)
+                    {"p": i, "u": o.uri, "v": o.version, "s": o.size} for i, o in enumerate(objects)
                 ]
                 conn.execute(
                     """INSERT INTO run_group_objects

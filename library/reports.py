@@ -388,3 +388,141 @@ RENDERERS = {
     "csv": render_csv,
     "html": render_html,
 }
+
+
+# -- run groups (scale-out) -------------------------------------------------------
+
+GROUP_COUNTS = ("rows_read", "rows_valid", "rows_invalid", "rows_scored", "rows_failed")
+
+
+def group_status(conn: psycopg.Connection[Any], group: str) -> dict[str, Any]:
+    """A run group: its workers' runs, their sum, and the group's exit code."""
+    from library.group import group_exit_code
+
+    head = _one(
+        conn,
+        """SELECT run_group, source_uri, created_at, finished_at, objects_total,
+                  stopped_by, stop_reason, stop_exit_code
+           FROM run_groups WHERE run_group = %s""",
+        (group,),
+    )
+    runs = _all(
+        conn,
+        f"""SELECT run_id, worker_index, status, started_at, finished_at,
+                   {", ".join(GROUP_COUNTS)}, objects_done, objects_failed, objects_skipped,
+                   (summary->>'exit_code')::int AS exit_code, error
+            FROM pipeline_runs WHERE run_group = %s
+            ORDER BY worker_index NULLS LAST, started_at""",
+        (group,),
+    )
+    if head is None and not runs:
+        raise RunNotFound(f"no run group {group}")
+    total = {name: sum(int(r[name] or 0) for r in runs) for name in GROUP_COUNTS}
+    codes = [r["exit_code"] for r in runs if r["exit_code"] is not None]
+    done = _one(
+        conn,
+        """SELECT count(*) FILTER (WHERE s.status = 'completed'
+                                   OR (s.status = 'failed' AND p.run_group = g.run_group)) AS done
+           FROM run_group_objects g
+           LEFT JOIN source_objects s USING (source_uri, source_version)
+           LEFT JOIN pipeline_runs p ON p.run_id = s.run_id
+           WHERE g.run_group = %s""",
+        (group,),
+    )
+    running = any(r["status"] == "processing" for r in runs)
+    return {
+        "run_group": group,
+        "source_uri": head["source_uri"] if head else None,
+        "state": "running" if running else "finished" if head and head["finished_at"] else "ended",
+        "objects_total": head["objects_total"] if head else None,
+        "objects_finished": int(done["done"]) if done else 0,
+        "stopped_by": head["stopped_by"] if head else None,
+        "stop_reason": head["stop_reason"] if head else None,
+        "exit_code": group_exit_code(codes),
+        "workers": len(runs),
+        "rows": total,
+        "runs": runs,
+    }
+
+
+def render_group_status(group: dict[str, Any]) -> str:
+    rows = group["rows"]
+    lines = [
+        f"{'run group:':<13}{plain(group['run_group'])}",
+        f"{'state:':<13}{group['state']} (exit {group['exit_code']} for the group)",
+        f"{'source:':<13}{plain(group['source_uri'])}",
+        f"{'objects:':<13}{group['objects_finished']} of {group['objects_total']} finished",
+        f"{'workers:':<13}{group['workers']}",
+        f"{'rows:':<13}{rows['rows_read']} read, {rows['rows_valid']} valid, "
+        f"{rows['rows_invalid']} invalid, {rows['rows_scored']} scored, "
+        f"{rows['rows_failed']} failed",
+    ]
+    if group["stopped_by"]:
+        lines.append(
+            f"{'stopped:':<13}by {plain(group['stopped_by'])}: {plain(group['stop_reason'])}"
+        )
+    lines.append("")
+    lines.append("worker  run_id                        status                 read     exit")
+    for r in group["runs"]:
+        index = "-" if r["worker_index"] is None else str(r["worker_index"])
+        code = "-" if r["exit_code"] is None else str(r["exit_code"])
+        lines.append(
+            f"{index:<8}{plain(r['run_id']):<30}{r['status']:<23}{r['rows_read']:<9}{code}"
+        )
+    return "\n".join(lines)
+
+
+def render_group_markdown(group: dict[str, Any]) -> str:
+    rows = group["rows"]
+    lines = [
+        f"# Run group {md(group['run_group'])}",
+        "",
+        f"- **state:** {group['state']} (exit {group['exit_code']} for the group)",
+        f"- **source:** {md(group['source_uri'])}",
+        f"- **objects:** {group['objects_finished']} of {group['objects_total']} finished",
+        f"- **rows:** {rows['rows_read']} read, {rows['rows_valid']} valid, "
+        f"{rows['rows_invalid']} invalid, {rows['rows_scored']} scored, "
+        f"{rows['rows_failed']} failed",
+    ]
+    if group["stopped_by"]:
+        lines.append(f"- **stopped by:** {md(group['stopped_by'])}: {md(group['stop_reason'])}")
+    lines += ["", "## Workers", ""]
+    lines += _md_table(
+        ["worker", "run", "status", "read", "valid", "invalid", "scored", "failed", "exit"],
+        [
+            [
+                md("-" if r["worker_index"] is None else r["worker_index"]),
+                md(r["run_id"]),
+                md(r["status"]),
+                *(md(r[name]) for name in GROUP_COUNTS),
+                md("-" if r["exit_code"] is None else r["exit_code"]),
+            ]
+            for r in group["runs"]
+        ],
+        "No worker recorded.",
+    )
+    return "\n".join(lines) + "\n"
+
+
+def render_group_csv(group: dict[str, Any]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(["worker", "run_id", "status", *GROUP_COUNTS, "exit_code"])
+    for r in group["runs"]:
+        writer.writerow(
+            [
+                csv_cell(r["worker_index"]),
+                csv_cell(r["run_id"]),
+                csv_cell(r["status"]),
+                *(r[name] for name in GROUP_COUNTS),
+                r["exit_code"],
+            ]
+        )
+    return out.getvalue()
+
+
+GROUP_RENDERERS = {
+    "json": render_json,
+    "markdown": render_group_markdown,
+    "csv": render_group_csv,
+}

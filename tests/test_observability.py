@@ -247,7 +247,9 @@ def pushgateway() -> Iterator[str]:
         )
     port = free_port()
     proc = subprocess.Popen(
-        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        # Debian's build persists to /var/lib/prometheus/pushgateway.data by default,
+        # shared by every gateway started here: each test's gateway keeps its own, in memory.
+        [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

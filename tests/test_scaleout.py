@@ -15,6 +15,8 @@ import pytest
 from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli, scratch_database
 from tests.helpers.data import row, rows, to_csv
 from tests.test_faults import model_server, stored, wait_for
+from tests.test_observability import gateway_metrics
+from tests.test_observability import pushgateway as pushgateway  # a fixture
 from tests.test_resume import TOTALS, dump
 
 OBJECTS = 12
@@ -115,6 +117,20 @@ def test_n_workers_share_the_objects_exactly_once(
     assert database.value("SELECT finished_at IS NOT NULL FROM run_groups") is True
     assert database.value("SELECT count(*) FROM run_group_objects") == OBJECTS
     assert "exit code 3 for the group" in result.output
+    # The group in one look: its workers and their sum, and the group's exit code.
+    status = run_cli(["status", "--group", "night-1"], env)
+    assert status.code == 3, status.output
+    assert f"workers:     {workers}\n" in status.stdout
+    assert "state:       finished (exit 3 for the group)" in status.stdout
+    assert f"objects:     {OBJECTS} of {OBJECTS} finished" in status.stdout
+    total = sum(object_rows(i) for i in range(OBJECTS))
+    assert f"rows:        {total} read" in status.stdout
+    report = run_cli(["report", "--group", "night-1", "--format", "markdown"], env)
+    assert report.code == 0 and "# Run group night-1" in report.stdout
+    assert (
+        report.stdout.count("| completed_with_errors |") + report.stdout.count("| completed |")
+        == workers
+    )
 
 
 def test_a_worker_killed_mid_object_is_taken_over_by_the_survivors(
@@ -209,3 +225,23 @@ def test_a_threshold_crossed_in_one_worker_stops_the_group(
     code, said = finish([late])[0]
     assert code == 4, said
     assert "was stopped by run" in said
+
+
+def test_each_worker_pushes_under_its_index_and_the_group_its_last_success(
+    env: dict[str, str], database: Database, pushgateway: str
+) -> None:
+    env = {**env, "PUSHGATEWAY_URL": pushgateway, "PROGRESS": "off"}
+    result = run_cli(["run", "--workers", "2"], {**env, "RUN_GROUP": "night-m"}, 240)
+    assert result.code == 3, result.output
+    got = gateway_metrics(pushgateway)
+    read = got["batch_pipeline_rows_total"]
+    by_worker = {
+        dict(labels)["worker"]: value
+        for labels, value in read.items()
+        if dict(labels).get("outcome") == "read"
+    }
+    # Two series, one per worker, that add up to the night's rows: no pod overwrote another.
+    assert set(by_worker) == {"0", "1"}
+    assert sum(by_worker.values()) == sum(object_rows(i) for i in range(OBJECTS))
+    # The last success is the group's: pushed once, under the job alone, when it finished.
+    assert list(got["batch_pipeline_last_success_timestamp_seconds"]) == [()]

@@ -199,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("run_id", nargs="?", metavar="RUN_ID", help="default: the latest run")
     status.add_argument("--format", choices=["text", "json"], default="text")
+    status.add_argument(
+        "--group",
+        metavar="RUN_GROUP",
+        help="a run group (scale-out): its workers, their sum; exits with the group's code",
+    )
     add_settings_flags(status, "status")
 
     runs = commands.add_parser("runs", help="list the recent runs, newest first")
@@ -210,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write a run's report (default: the latest run)")
     report.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    report.add_argument(
+        "--group", metavar="RUN_GROUP", help="a run group's workers and their sum (scale-out)"
+    )
     report.add_argument(
         "--format",
         choices=["json", "markdown", "csv", "html"],
@@ -499,6 +507,16 @@ def read_only(settings: Settings, action: Any) -> Any:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from library.reports import render_status, run_status
 
+    if args.group:
+        from library.reports import group_status, render_group_status
+
+        group = read_only(settings, lambda c: group_status(c, args.group))
+        if args.format == "json":
+            print(orjson.dumps(group, default=str, option=orjson.OPT_INDENT_2).decode())
+        else:
+            print(render_group_status(group))
+        return int(group["exit_code"])  # the group's code, for schedulers
+
     status = read_only(settings, lambda c: run_status(c, args.run_id))
     if args.format == "json":
         print(orjson.dumps(status, default=str, option=orjson.OPT_INDENT_2).decode())
@@ -552,8 +570,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from library.reports import RENDERERS, run_report
+    from library.reports import GROUP_RENDERERS, RENDERERS, group_status, run_report
 
+    if args.group:
+        if args.format not in GROUP_RENDERERS:
+            raise ConfigError(f"report --group writes {', '.join(GROUP_RENDERERS)}, not html")
+        group = read_only(settings, lambda c: group_status(c, args.group))
+        text = GROUP_RENDERERS[args.format](group)
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as out:
+                out.write(text)
+        else:
+            sys.stdout.write(text)
+        return 0
     report = read_only(settings, lambda c: run_report(c, args.run_id))
     text = RENDERERS[args.format](report)
     if args.output:
