@@ -825,7 +825,17 @@ def test_cronjob_schedules_one_run_a_night() -> None:
     assert spec["startingDeadlineSeconds"] > 0
     assert spec["successfulJobsHistoryLimit"] >= 1 and spec["failedJobsHistoryLimit"] >= 1
     job = spec["jobTemplate"]["spec"]
-    assert job["backoffLimit"] >= 1
+    # An Indexed Job: N workers of one run group, each index retried on its own.
+    assert job["completionMode"] == "Indexed"
+    assert job["completions"] == job["parallelism"] >= 1
+    assert job["backoffLimitPerIndex"] >= 1
+    assert job["podReplacementPolicy"] == "Failed"
+    disruption = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "Ignore"]
+    assert disruption[0]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    env = {e["name"]: e for e in cronjob_container()["env"]}
+    assert env["RUN_GROUP"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.labels['batch.kubernetes.io/controller-uid']"
+    )
     fail_job = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
     assert fail_job and {2, 4} <= set(fail_job[0]["onExitCodes"]["values"])
     assert fail_job[0]["onExitCodes"]["operator"] == "In"
@@ -865,13 +875,17 @@ def test_cronjob_takes_secrets_from_a_secret_only() -> None:
     assert source["configMapRef"]["name"] == configmap["metadata"]["name"]
     assert not SECRET_SETTINGS & set(configmap["data"]) and "ML_API_TOKEN" not in configmap["data"]
     for item in container["env"]:  # everything else comes from the ConfigMap
+        if item["name"] == "RUN_GROUP":  # the Job's own id, through the downward API
+            assert set(item["valueFrom"]) == {"fieldRef"}
+            continue
         assert "secretKeyRef" in item.get("valueFrom", {}), f"{item['name']} set inline"
 
 
 def test_cronjob_sets_only_real_settings() -> None:
     configmap = load_yaml(CONFIGMAP)
     names = set(configmap["data"]) | {item["name"] for item in cronjob_container()["env"]}
-    assert names <= set(JOB_SETTINGS), f"unknown settings: {sorted(names - set(JOB_SETTINGS))}"
+    known = set(Settings.model_fields)
+    assert names <= known, f"unknown settings: {sorted(names - known)}"
     # The ConfigMap alone (with placeholder secrets) is a valid configuration.
     placeholders = {"KEY": "k", "SECRET": "s", "DATABASE_URL": "postgresql://u:p@db/transactions"}
     load_settings(environ={**configmap["data"], **placeholders})
