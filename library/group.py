@@ -48,7 +48,7 @@ from library.models import SourceObject
 
 log = logging.getLogger(__name__)
 
-CLAIM_POLL_SECONDS = 1.0  # between two passes when every object left is held by others
+CLAIM_POLL_SECONDS = 0.5  # between two passes when every object left is held by others
 # Errors that stop the whole group: bad configuration, a crossed threshold.
 GROUP_STOPPING_EXIT_CODES = frozenset({EXIT_USAGE, EXIT_THRESHOLD})
 # The group's exit code is its workers' worst, in this order.

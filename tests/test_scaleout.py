@@ -4,6 +4,7 @@ and a model with latency; every table compared with a clean single run."""
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -133,12 +134,17 @@ def test_n_workers_share_the_objects_exactly_once(
     )
 
 
+@pytest.mark.parametrize("seed", [1, 2])
 def test_a_worker_killed_mid_object_is_taken_over_by_the_survivors(
-    env: dict[str, str], database: Database, clean: tuple[dict[str, Any], tuple[Any, ...]]
+    env: dict[str, str],
+    database: Database,
+    clean: tuple[dict[str, Any], tuple[Any, ...]],
+    seed: int,
 ) -> None:
+    flush = random.Random(seed).randint(2, 12)  # the worker dies right after this flush
     procs = [
         worker(env, "night-k", 0),
-        worker(env, "night-k", 1, BATCH_PIPELINE_FAILPOINTS="after_flush:4"),
+        worker(env, "night-k", 1, BATCH_PIPELINE_FAILPOINTS=f"after_flush:{flush}"),
         worker(env, "night-k", 2),
     ]
     results = finish(procs)
