@@ -364,9 +364,18 @@ class StallingModel:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                request = conn.recv(65536)
+                request = b""
+                while b"\r\n\r\n" not in request:  # the whole head: closing with unread
+                    chunk = conn.recv(65536)  # bytes would reset the connection
+                    if not chunk:
+                        return
+                    request += chunk
                 if request.startswith(b"GET"):
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    )
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(1)  # let the client close first
                     return
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
                 conn.sendall(b"Content-Length: 100000\r\n\r\n")
