@@ -30,7 +30,6 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from library.config import Settings, load_settings
 from library.metrics import RunMetrics
@@ -476,31 +475,20 @@ def password_server() -> Iterator[str]:
     """A PostgreSQL that checks passwords (scram-sha-256), unlike the suite's trust-auth
     server: its superuser keeps trust on the socket to set things up; every other role
     must give its password. Returns the socket folder."""
-    import tempfile
-    import warnings
+    from tests.helpers.postgres import PrivatePostgres
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-    folder = Path(tempfile.mkdtemp(prefix="batch-pipeline-test-pg-auth-")) / "data"
-    server = pgserver.get_server(folder, cleanup_mode="delete")
+    server = PrivatePostgres("batch-pipeline-test-pg-auth-")
     try:
-        admin = server.get_uri()
-        socket_dir = conninfo_to_dict(admin)["host"]
-        (folder / "pg_hba.conf").write_text(
-            "local all postgres trust\nlocal all all scram-sha-256\n", encoding="utf-8"
-        )
-        with psycopg.connect(admin, autocommit=True) as conn:
+        server.require_passwords()
+        with psycopg.connect(server.admin_url, autocommit=True) as conn:
             conn.execute("SET password_encryption = 'scram-sha-256'")
             conn.execute(
                 sql.SQL("CREATE ROLE etl LOGIN PASSWORD {}").format(sql.Literal(SPECIAL_PASSWORD))
             )
             conn.execute("CREATE DATABASE scoring OWNER etl")
-            conn.execute("SELECT pg_reload_conf()")
-        yield str(socket_dir)
+        yield server.socket_dir
     finally:
-        server.cleanup()
-        shutil.rmtree(folder.parent, ignore_errors=True)
+        server.close()
 
 
 def test_any_password_works_raw_through_pgpassword(

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -38,6 +34,7 @@ from tests.conftest import (
     wait_http,
 )
 from tests.helpers.data import gz, row, rows, to_csv, zst
+from tests.helpers.postgres import PrivatePostgres
 from tests.test_resume import TOTALS, dump
 
 # Objects that share no transaction_id, so that two runs working on different
@@ -122,41 +119,9 @@ def stored(url: str) -> int:
 # -- PostgreSQL stopped and started mid-run ---------------------------------------
 
 
-class OwnPostgres:
-    """A PostgreSQL server of this test alone, so that it can be stopped and started."""
-
-    def __init__(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pgserver
-
-        self.folder = Path(tempfile.mkdtemp(prefix="batch-pipeline-own-pg-")) / "data"
-        self.server = pgserver.get_server(self.folder, cleanup_mode="delete")
-        info = self.server.get_postmaster_info()
-        self.socket_dir = info.socket_dir
-        self.admin_url = self.server.get_uri()
-
-    def _pg_ctl(self, *args: str) -> None:
-        from pgserver import _commands
-
-        _commands.pg_ctl(list(args), pgdata=self.folder, user=self.server.system_user, timeout=60)
-
-    def stop(self) -> None:
-        self._pg_ctl("-w", "-m", "fast", "stop")
-
-    def start(self) -> None:
-        self._pg_ctl(
-            "-w", "-o", '-h ""', "-o", f"-k {self.socket_dir}", "-l", str(self.server.log), "start"
-        )
-
-    def close(self) -> None:
-        self.server.cleanup()
-        shutil.rmtree(self.folder.parent, ignore_errors=True)
-
-
 @pytest.fixture
-def own_pg() -> Iterator[OwnPostgres]:
-    server = OwnPostgres()
+def own_pg() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
     try:
         yield server
     finally:
@@ -176,7 +141,7 @@ def migrated(admin_url: str) -> str:
 
 
 def test_a_postgresql_restart_mid_run_is_ridden_out(
-    solo_env: dict[str, str], clean_db: str, own_pg: OwnPostgres, fake_model: Any
+    solo_env: dict[str, str], clean_db: str, own_pg: PrivatePostgres, fake_model: Any
 ) -> None:
     expected, totals = clean_run({**solo_env, "ML_API_URL": fake_model.url}, clean_db)
     url = migrated(own_pg.admin_url)
@@ -196,7 +161,7 @@ def test_a_postgresql_restart_mid_run_is_ridden_out(
 
 
 def test_a_database_gone_for_longer_than_the_window_fails_the_run_clearly(
-    solo_env: dict[str, str], own_pg: OwnPostgres, fake_model: Any
+    solo_env: dict[str, str], own_pg: PrivatePostgres, fake_model: Any
 ) -> None:
     url = migrated(own_pg.admin_url)
     fake_model.knobs.delay_seconds = 0.03

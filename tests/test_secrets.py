@@ -14,11 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
-import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +26,7 @@ from psycopg import sql
 
 from tests.conftest import Result, free_port, run_cli
 from tests.helpers.data import row, rows, to_csv
+from tests.helpers.postgres import PrivatePostgres
 
 # Every piece is a word found nowhere else, so a piece leaking alone (libpq taking it
 # for a host or a port) is caught too, not only the whole password.
@@ -86,38 +83,12 @@ class Server:
 
 @pytest.fixture(scope="module")
 def password_server() -> Iterator[Server]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-    folder = Path(tempfile.mkdtemp(prefix="batch-pipeline-test-pw-")) / "data"
-    server = pgserver.get_server(folder, cleanup_mode="delete")
+    server = PrivatePostgres("batch-pipeline-test-pw-")
     try:
-        admin_url = server.get_uri()
-        socket_dir = psycopg.conninfo.conninfo_to_dict(admin_url)["host"]
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            hba = Path(conn.execute("SHOW hba_file").fetchone()[0])  # type: ignore[index]
-            hba.write_text("local all postgres trust\nlocal all all scram-sha-256\n")
-            conn.execute("SELECT pg_reload_conf()")
-        found = Server(admin_url, str(socket_dir))
-        wait_for_password_checks(found)
-        yield found
+        server.require_passwords()
+        yield Server(server.admin_url, server.socket_dir)
     finally:
-        server.cleanup()
-        shutil.rmtree(folder.parent, ignore_errors=True)
-
-
-def wait_for_password_checks(server: Server) -> None:
-    """pg_reload_conf() only signals the server: wait until a wrong password is refused."""
-    user, dbname = server.role_with_database("right-password")
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            psycopg.connect(server.url(user, "wrong-password", dbname)).close()
-        except psycopg.OperationalError as exc:
-            assert "password authentication failed" in str(exc)
-            return
-        assert time.monotonic() < deadline, "pg_hba.conf was not reloaded"
-        time.sleep(0.05)
+        server.close()
 
 
 @pytest.fixture
