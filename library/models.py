@@ -59,7 +59,7 @@ class RowChunk:
     obj: SourceObject
     index: int
     frame: pl.DataFrame  # the required columns as strings, plus LINE_COLUMN
-    raw_text: Sequence[str]  # the row's text as read, aligned with `frame`
+    raw_text: Sequence[str] | pl.Series  # the row's text as read, aligned with `frame`
     malformed: list[InvalidRow]  # rows that could not be split into the header's fields
     last_line: int  # the line where the chunk's last row starts
 
