@@ -596,6 +596,10 @@ _NOT_PLAIN = re.compile("[^\x01-\x0c\x0e-\x21\x23-\x7f]")
 _LINE_END = re.compile("\r\n|\r|\n")
 
 
+def _is_plain(text: str) -> bool:
+    return text.isascii() and "\r" not in text and "\x00" not in text
+
+
 class BlockReader:
     """An object's text in blocks, for two readers at once.
 
@@ -639,8 +643,12 @@ class BlockReader:
                 buf += more
             self._buf, self._pos = buf, 0
         buf, pos = self._buf, self._pos
-        special = _NOT_PLAIN.search(buf, pos)
-        end = buf.rfind("\n", pos, special.start() if special else len(buf)) + 1
+        quote = buf.find('"', pos)  # the usual special character, found at memchr speed
+        stop = len(buf) if quote < 0 else quote
+        end = buf.rfind("\n", pos, stop) + 1
+        if end > pos and not _is_plain(buf[pos:end]):
+            special = _NOT_PLAIN.search(buf, pos, end)
+            end = buf.rfind("\n", pos, special.start() if special else end) + 1
         if end <= pos:
             return ""
         self._pos = end
@@ -657,36 +665,38 @@ RAW_COLUMN = "_raw"  # a row's text while a chunk is gathered (RowChunk.raw_text
 @dataclass
 class _Gathered:
     """The rows of the chunk being gathered: the csv reader's one by one, the
-    vectorised parser's as frames."""
+    vectorised parser's as frames, or as spans of plain lines parsed all at once
+    when the chunk is made."""
 
     values: list[tuple[str, ...]]
     lines: list[int]
     raws: list[str]
     malformed: list[InvalidRow]
     frames: list[pl.DataFrame]
+    spans: list[tuple[str, int, int]]  # text, first line, lines (each a row)
     rows: int = 0
     last_line: int = 1
 
     @classmethod
     def empty(cls, last_line: int) -> _Gathered:
-        return cls([], [], [], [], [], 0, last_line)
+        return cls([], [], [], [], [], [], 0, last_line)
 
 
 def _plain_rows(
     span: str,
     first_line: int,
-    columns: HeaderMap,
     resume_after_line: int,
     room: int,
     max_row_chars: int,
     gathered: _Gathered,
-) -> tuple[int, int]:
-    """Parse lines of plain text (no quote, CR, NUL or non-ASCII character) the way
-    the csv reader would: a line is a row, split at every comma; a blank line is no
-    row; a row with the wrong number of fields is malformed. At most `room` rows are
-    taken, and no row from a line the csv reader would find too long.
+) -> tuple[pl.DataFrame, int, int]:
+    """The rows of lines of plain text (no quote, CR, NUL or non-ASCII character) as
+    the csv reader would read them: a line is a row; a blank line is no row. At
+    most `room` rows are taken, and none from a line the csv reader would find too
+    long (nor any after it).
 
-    Returns the physical lines consumed and the characters of `span` left over."""
+    Returns the rows (text and line), the physical lines consumed and the characters
+    of `span` left over."""
     lines = pl.Series([span]).str.split("\n").explode()
     lines = lines.head(lines.len() - 1)  # the "" after the last line end
     length = lines.str.len_bytes()  # ASCII: bytes are characters
@@ -701,8 +711,15 @@ def _plain_rows(
         lines, length, number, counted = (s.head(keep) for s in (lines, length, number, counted))
     left = len(span) - int((length + 1).sum())
     frame = pl.DataFrame({RAW_COLUMN: lines, LINE_COLUMN: number}).filter(counted)
-    if frame.height == 0:
-        return lines.len(), left
+    if frame.height:
+        gathered.rows += frame.height
+        gathered.last_line = int(frame.get_column(LINE_COLUMN)[-1])
+    return frame, lines.len(), left
+
+
+def _split_plain(frame: pl.DataFrame, columns: HeaderMap, gathered: _Gathered) -> None:
+    """Split rows of plain text at every comma into the header's fields, as the csv
+    reader would; a row with the wrong number of fields is malformed."""
     fields = frame.get_column(RAW_COLUMN).str.count_matches(",", literal=True) + 1
     misfit = fields != columns.width
     if misfit.any():
@@ -716,11 +733,9 @@ def _plain_rows(
             gathered.malformed.append(
                 InvalidRow(line, stored_raw_text(raw), (Reason(ROW_REASON, problem),))
             )
-    gathered.rows += frame.height
-    gathered.last_line = int(frame.get_column(LINE_COLUMN)[-1])
-    good = frame.filter(~misfit)
-    if good.height:
-        split = good.get_column(RAW_COLUMN).str.split_exact(",", columns.width - 1)
+        frame = frame.filter(~misfit)
+    if frame.height:
+        split = frame.get_column(RAW_COLUMN).str.split_exact(",", columns.width - 1)
         parts = split.struct.unnest()
         gathered.frames.append(
             parts.select(
@@ -728,9 +743,42 @@ def _plain_rows(
                     parts.get_column(f"field_{i}").alias(name)
                     for name, i in zip(REQUIRED_COLUMNS, columns.indices, strict=True)
                 ]
-            ).with_columns(good.get_column(LINE_COLUMN), good.get_column(RAW_COLUMN))
+            ).with_columns(frame.get_column(LINE_COLUMN), frame.get_column(RAW_COLUMN))
         )
-    return lines.len(), left
+
+
+def _take_plain(
+    span: str,
+    first_line: int,
+    columns: HeaderMap,
+    resume_after_line: int,
+    room: int,
+    max_row_chars: int,
+    gathered: _Gathered,
+) -> tuple[int, int]:
+    """Take a span of plain lines into the chunk. The usual span (every line a row,
+    none too long, room for all) is only set aside, parsed with the chunk's others
+    in one pass; any other goes through `_plain_rows` at once.
+
+    Returns the physical lines consumed and the characters of `span` left over."""
+    n = span.count("\n")
+    if (
+        n <= room
+        and len(span) < max_row_chars
+        and first_line > resume_after_line
+        and "\n\n" not in span
+        and span[0] != "\n"
+    ):
+        gathered.spans.append((span, first_line, n))
+        gathered.rows += n
+        gathered.last_line = first_line + n - 1
+        return n, 0
+    frame, consumed, left = _plain_rows(
+        span, first_line, resume_after_line, room, max_row_chars, gathered
+    )
+    if frame.height:
+        _split_plain(frame, columns, gathered)
+    return consumed, left
 
 
 def read_chunks(
@@ -791,7 +839,7 @@ def read_chunks(
         if plain and recorder.between_rows():
             span = blocks.plain_lines()
             if span:
-                consumed, left = _plain_rows(
+                consumed, left = _take_plain(
                     span,
                     recorder.first_line,
                     columns,
@@ -805,7 +853,7 @@ def read_chunks(
                     blocks.unread(left)
                     plain = consumed > 0  # none: the next line is too long, the reader's
                 if rows.rows >= row_batch_size:
-                    yield _chunk(obj, chunk_index, rows)
+                    yield _chunk(obj, chunk_index, rows, columns)
                     chunk_index += 1
                     rows = _Gathered.empty(rows.last_line)
                 continue
@@ -816,7 +864,7 @@ def read_chunks(
             break
         except UnterminatedQuoteError:
             if rows.rows:  # the rows before it are kept, with their checkpoint
-                yield _chunk(obj, chunk_index, rows)
+                yield _chunk(obj, chunk_index, rows, columns)
             raise
         except csv.Error as exc:
             start = recorder.first_line
@@ -850,21 +898,34 @@ def read_chunks(
         rows.rows += 1
         rows.last_line = start
         if rows.rows >= row_batch_size:
-            yield _chunk(obj, chunk_index, rows)
+            yield _chunk(obj, chunk_index, rows, columns)
             chunk_index += 1
             rows = _Gathered.empty(rows.last_line)
     if rows.rows:
-        yield _chunk(obj, chunk_index, rows)
+        yield _chunk(obj, chunk_index, rows, columns)
 
 
-def _chunk(obj: SourceObject, index: int, rows: _Gathered) -> RowChunk:
+def _chunk(obj: SourceObject, index: int, rows: _Gathered, columns: HeaderMap) -> RowChunk:
     """The gathered rows as one frame in line order, with their raw text beside it."""
+    if rows.spans:
+        text = pl.Series(["".join(span for span, _, _ in rows.spans)])
+        lines = text.str.split("\n").explode()
+        numbers = [
+            pl.int_range(first, first + n, dtype=pl.Int64, eager=True) for _, first, n in rows.spans
+        ]
+        plain = pl.DataFrame(
+            {
+                RAW_COLUMN: lines.head(lines.len() - 1),
+                LINE_COLUMN: numbers[0] if len(numbers) == 1 else pl.concat(numbers),
+            }
+        )
+        _split_plain(plain, columns, rows)
     parts = list(rows.frames)
     if rows.values:
-        columns = list(zip(*rows.values, strict=True))
+        values = list(zip(*rows.values, strict=True))
         data: dict[str, Any] = {
             name: pl.Series(name, col, dtype=pl.String)
-            for name, col in zip(REQUIRED_COLUMNS, columns, strict=True)
+            for name, col in zip(REQUIRED_COLUMNS, values, strict=True)
         }
         data[LINE_COLUMN] = pl.Series(LINE_COLUMN, rows.lines, dtype=pl.Int64)
         data[RAW_COLUMN] = pl.Series(RAW_COLUMN, rows.raws, dtype=pl.String)
@@ -874,14 +935,10 @@ def _chunk(obj: SourceObject, index: int, rows: _Gathered) -> RowChunk:
         data[LINE_COLUMN] = pl.Series(LINE_COLUMN, [], dtype=pl.Int64)
         data[RAW_COLUMN] = pl.Series(RAW_COLUMN, [], dtype=pl.String)
         parts.append(pl.DataFrame(data))
-    if len(parts) == 1:
-        frame = parts[0]
-    else:  # spans in order; the reader's rows between them go to their lines
-        frame = pl.concat(parts, rechunk=True)
-        frame = frame.sort(LINE_COLUMN) if rows.values else frame
+    # The parts are each in line order, and interleave.
+    frame = parts[0] if len(parts) == 1 else pl.concat(parts, rechunk=True).sort(LINE_COLUMN)
     malformed = rows.malformed
-    if rows.frames and malformed:  # both parsers' malformed rows, in line order
-        malformed.sort(key=lambda r: r.line_number)
+    malformed.sort(key=lambda r: r.line_number)  # both parsers' malformed rows, in line order
     raw = frame.get_column(RAW_COLUMN)
     return RowChunk(obj, index, frame.drop(RAW_COLUMN), raw, malformed, rows.last_line)
 
