@@ -10,8 +10,12 @@ its own process), and measures, as rows per second, median of --repeat runs:
 3. scoring alone: the same valid rows through the scoring client, nothing written;
 4. write alone: the same rows, already scored, through the sink.
 
-Then the efficiency (end to end / slowest stage alone), the peak RSS of the
-pipeline process, wall time and peak RSS at each of --scale sizes, the
+Then the efficiency (end to end / slowest stage alone), the client CPU per row
+(user + system of the `batch-pipeline run` process, from `wait4`) with its
+breakdown by stage, the peer (the seed's design, `../shared/peer/seed_baseline.py`)
+side by side on the same rows in one object, the pipeline pinned to one core with
+the services on the other (taskset), a before/after against another checkout
+(--baseline), the peak RSS of the pipeline process, wall time and peak RSS at each of --scale sizes, the
 end-to-end rate against a model that adds 20 ms to every request (5 and 20
 workers) next to its ceiling (workers x API_BATCH_SIZE / latency), adaptive
 concurrency against a model with a capacity of K requests in flight, and the cost
