@@ -10,8 +10,12 @@ its own process), and measures, as rows per second, median of --repeat runs:
 3. scoring alone: the same valid rows through the scoring client, nothing written;
 4. write alone: the same rows, already scored, through the sink.
 
-Then the efficiency (end to end / slowest stage alone), the peak RSS of the
-pipeline process, wall time and peak RSS at each of --scale sizes, the
+Then the efficiency (end to end / slowest stage alone), the client CPU per row
+(user + system of the `batch-pipeline run` process, from `wait4`) with its
+breakdown by stage, the peer (the seed's design, `../shared/peer/seed_baseline.py`)
+side by side on the same rows in one object, the pipeline pinned to one core with
+the services on the other (taskset), a before/after against another checkout
+(--baseline), the peak RSS of the pipeline process, wall time and peak RSS at each of --scale sizes, the
 end-to-end rate against a model that adds 20 ms to every request (5 and 20
 workers) next to its ceiling (workers x API_BATCH_SIZE / latency), adaptive
 concurrency against a model with a capacity of K requests in flight, and the cost
@@ -38,6 +42,7 @@ from typing import Any
 
 import orjson
 
+from bench.peer import PEER_SCRIPT, elapsed_seconds, one_object, peer_available, peer_python
 from bench.services import PYTHON, Services, model_server, services
 from library.config import DEFAULT_API_BATCH_SIZE
 from library.sample_data import write_sample
@@ -109,37 +114,50 @@ def upload(svc: Services, paths: list[Path], prefix: str) -> str:
 # -- running ---------------------------------------------------------------------
 
 
-def timed_process(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
-    """Wall seconds, peak RSS (MB), exit code and output of one child process."""
+def timed_process(
+    args: list[str], env: dict[str, str], cwd: Path = ROOT
+) -> tuple[float, float, int, str, float]:
+    """Wall seconds, peak RSS (MB), exit code, output and CPU seconds (user + system,
+    from `wait4`) of one child process."""
     began = time.perf_counter()
     proc = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     assert proc.stdout is not None
     output = proc.stdout.read().decode("utf-8", "replace")
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - began
-    return seconds, usage.ru_maxrss / 1024, proc.returncode, output
+    cpu = usage.ru_utime + usage.ru_stime
+    return seconds, usage.ru_maxrss / 1024, proc.returncode, output, cpu
 
 
-def end_to_end(svc: Services, source_uri: str, rows: int, **env: str) -> Measure:
+def end_to_end(
+    svc: Services,
+    source_uri: str,
+    rows: int,
+    prefix: list[str] | None = None,
+    cwd: Path = ROOT,
+    **env: str,
+) -> Measure:
+    """One `batch-pipeline run` on a fresh database; `prefix` (taskset) wraps the command,
+    `cwd` another checkout of the project (the baseline of a before/after)."""
     database = svc.fresh_database()
     try:
-        seconds, rss, code, output = timed_process(
-            [*CLI, "run"], svc.env(database, SOURCE_URI=source_uri, **env)
+        seconds, rss, code, output, cpu = timed_process(
+            [*(prefix or []), *CLI, "run"], svc.env(database, SOURCE_URI=source_uri, **env), cwd
         )
     finally:
         svc.drop_database(database)
     if code not in (0, 3):
         raise RuntimeError(f"batch-pipeline run exited {code}:\n{output[-3000:]}")
-    return Measure(rows, run_seconds(output), rss, output=output, wall_seconds=seconds)
+    return Measure(rows, run_seconds(output), rss, cpu, output=output, wall_seconds=seconds)
 
 
 def dry_run(svc: Services, source_uri: str, rows: int) -> Measure:
     # Reading and validating alone: no embedded database for the dry run's ledger lookup.
     no_database = {"EMBEDDED_DB_DIR": "/nonexistent/batch-pipeline-bench"}
-    seconds, rss, code, output = timed_process(
+    seconds, rss, code, output, _ = timed_process(
         [*CLI, "run", "--dry-run"], svc.env("", SOURCE_URI=source_uri, **no_database)
     )
     if code not in (0, 3):
@@ -150,7 +168,7 @@ def dry_run(svc: Services, source_uri: str, rows: int) -> Measure:
 def stage(svc: Services, name: str, source_uri: str, **env: str) -> Measure:
     database = svc.fresh_database()
     try:
-        _, rss, code, output = timed_process(
+        _, rss, code, output, _ = timed_process(
             [PYTHON, "-m", "bench.stages", name], svc.env(database, SOURCE_URI=source_uri, **env)
         )
     finally:
@@ -203,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(WORKDIR / "results" / "latest.json"))
     parser.add_argument(
         "--only",
-        default="stages,scale,latency,adaptive,observability,protocols",
+        default="stages,cpu,peer,one_core,scale,latency,adaptive,observability,protocols",
         help="which measures to take, comma-separated",
+    )
+    parser.add_argument(
+        "--baseline",
+        help="another checkout of the project (say `git worktree add /tmp/base main`): its"
+        " runs alternate with this one's on the same input, for a before/after",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -226,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         main_uri = upload(svc, dataset(args.rows, args.objects), f"rows{args.rows}")
         if "stages" in only:
             measure_stages(svc, main_uri, args, results)
+        if "cpu" in only:
+            measure_cpu(svc, main_uri, args, results)
+        if args.baseline:
+            measure_baseline(svc, main_uri, args, results)
+        if "peer" in only:
+            measure_peer(svc, args, results)
+        if "one_core" in only:
+            measure_one_core(svc, main_uri, args, results)
         if "scale" in only:
             measure_scale(svc, args, results)
         if "latency" in only:
@@ -410,6 +441,163 @@ def measure_observability(
     }
 
 
+def cpu_us(m: Measure) -> float:
+    """Client CPU per row (user + system of the whole process), microseconds."""
+    return 1e6 * (m.cpu_seconds or 0.0) / m.rows
+
+
+def interleaved(
+    cases: dict[str, Callable[[], Measure]], repeat: int, label: str
+) -> dict[str, list[Measure]]:
+    """Rounds of every case in turn, so that the machine's drift falls on all alike."""
+    runs: dict[str, list[Measure]] = {name: [] for name in cases}
+    for i in range(repeat):
+        for name, measure in cases.items():
+            m = measure()
+            runs[name].append(m)
+            log(
+                f"{label} {i + 1}/{repeat}, {name}: {m.rate:,.0f} rows/s ({m.seconds:.1f}s),"
+                f" CPU {cpu_us(m):.1f} us/row, peak RSS {m.peak_rss_mb or 0:.0f} MB"
+            )
+    return runs
+
+
+def medians(runs: list[Measure]) -> dict[str, Any]:
+    return {
+        "rows_per_second": round(statistics.median(m.rate for m in runs)),
+        "seconds": round(statistics.median(m.seconds for m in runs), 2),
+        "cpu_us_per_row": round(statistics.median(cpu_us(m) for m in runs), 2),
+        "peak_rss_mb": round(statistics.median(m.peak_rss_mb or 0.0 for m in runs), 1),
+        "runs": [round(m.rate) for m in runs],
+    }
+
+
+STARTUP = [PYTHON, "-c", "import pipeline.batch.main, library.run, library.flow, boto3, smart_open"]
+
+
+def measure_cpu(svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Client CPU per row of `batch-pipeline run` (user + system of the process, from
+    `wait4`), and where it goes: each stage's CPU alone (bench.stages cpu), the
+    interpreter's start-up with the imports, and the rest ("other": threads, queues,
+    HTTP and database clients, the ledger, logs)."""
+    runs = [end_to_end(svc, uri, args.rows) for _ in range(args.repeat)]
+    e2e = medians(runs)
+    log(f"client CPU: {e2e['cpu_us_per_row']} us/row end to end")
+    _, _, code, output, startup = timed_process(STARTUP, svc.env(""))
+    if code != 0:
+        raise RuntimeError(f"start-up probe exited {code}:\n{output[-2000:]}")
+    database = svc.fresh_database()
+    try:
+        _, _, code, output, _ = timed_process(
+            [PYTHON, "-m", "bench.stages", "cpu"], svc.env(database, SOURCE_URI=uri)
+        )
+    finally:
+        svc.drop_database(database)
+    if code != 0:
+        raise RuntimeError(f"stage cpu exited {code}:\n{output[-3000:]}")
+    figures = orjson.loads(output.strip().splitlines()[-1])
+    rows = int(figures.pop("rows"))
+    per_row = {k: round(1e6 * v / rows, 2) for k, v in figures.items()}
+    per_row["start_up"] = round(1e6 * startup / args.rows, 2)
+    per_row["other"] = round(e2e["cpu_us_per_row"] - sum(per_row.values()), 2)
+    results["cpu"] = {**e2e, "us_per_row_by_stage": per_row}
+
+
+def measure_baseline(
+    svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    """This checkout against --baseline, alternating, on the main input."""
+    base = Path(args.baseline).resolve()
+    runs = interleaved(
+        {
+            "this": lambda: end_to_end(svc, uri, args.rows),
+            "baseline": lambda: end_to_end(svc, uri, args.rows, cwd=base),
+        },
+        args.repeat,
+        "before/after",
+    )
+    this, before = medians(runs["this"]), medians(runs["baseline"])
+    results["baseline"] = {
+        "baseline": str(base),
+        "this": this,
+        "before": before,
+        "speed_up": round(this["rows_per_second"] / before["rows_per_second"], 3),
+        "cpu_ratio": round(this["cpu_us_per_row"] / before["cpu_us_per_row"], 3),
+    }
+
+
+def peer_run(svc: Services, python: Path, uri: str, rows: int) -> Measure:
+    database = svc.empty_database()
+    try:
+        seconds, rss, code, output, cpu = timed_process(
+            [str(python), str(PEER_SCRIPT)], svc.env(database, SOURCE_URI=uri)
+        )
+    finally:
+        svc.drop_database(database)
+    if code != 0:
+        raise RuntimeError(f"the peer exited {code}:\n{output[-3000:]}")
+    return Measure(rows, elapsed_seconds(output), rss, cpu, output=output, wall_seconds=seconds)
+
+
+def measure_peer(svc: Services, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """The seed's design beside the pipeline: the same rows in one object, the same
+    services, a database each, interleaved rounds, medians."""
+    if not peer_available():
+        log(f"no peer at {PEER_SCRIPT}: skipped")
+        results["peer"] = {"skipped": f"no peer at {PEER_SCRIPT}"}
+        return
+    python = peer_python(WORKDIR)
+    folder = WORKDIR / "data" / f"{args.rows}_{args.objects}_7_one"
+    path = one_object(dataset(args.rows, args.objects), folder)
+    prefix = f"one{args.rows}"
+    with contextlib.suppress(svc.s3.exceptions.BucketAlreadyOwnedByYou):
+        svc.s3.create_bucket(Bucket=BUCKET)
+    svc.s3.upload_file(str(path), BUCKET, f"{prefix}/{path.name}")
+    uri = f"s3://{BUCKET}/{prefix}/{path.name}"
+    runs = interleaved(
+        {
+            "pipeline": lambda: end_to_end(svc, uri, args.rows),
+            "peer": lambda: peer_run(svc, python, uri, args.rows),
+        },
+        args.repeat,
+        "side by side",
+    )
+    ours, peer = medians(runs["pipeline"]), medians(runs["peer"])
+    results["peer"] = {
+        "input": "the same rows in one object",
+        "pipeline": ours,
+        "peer": peer,
+        "speed_up": round(ours["rows_per_second"] / peer["rows_per_second"], 2),
+        "cpu_ratio": round(peer["cpu_us_per_row"] / ours["cpu_us_per_row"], 2),
+    }
+
+
+def measure_one_core(
+    svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]
+) -> None:
+    """The pipeline on CPU 0 alone, PostgreSQL, S3 and the model on CPU 1 (taskset): the
+    rate, and the pipeline's own rate per core from its CPU per row. Other processes of
+    the machine are not pinned."""
+    if (os.cpu_count() or 1) < 2:
+        results["one_core"] = {"skipped": "needs two CPUs"}
+        return
+    with svc.pinned("1"):
+        runs = [
+            end_to_end(svc, uri, args.rows, prefix=["taskset", "-c", "0"])
+            for _ in range(args.repeat)
+        ]
+    m = medians(runs)
+    log(f"one core: {m['rows_per_second']:,} rows/s, CPU {m['cpu_us_per_row']} us/row")
+    busy = min(runs, key=lambda r: abs(r.rate - m["rows_per_second"]))
+    results["one_core"] = {
+        **m,
+        "own_rate_per_core": round(1e6 / m["cpu_us_per_row"]) if m["cpu_us_per_row"] else 0,
+        "limited_by": summary_value(busy.output, "limited by"),
+        "stage_times": summary_value(busy.output, "stage times"),
+        "pinned_database": not os.environ.get("BENCH_DATABASE_URL"),
+    }
+
+
 PROTOCOL_ROWS = 100_000
 OBSERVABILITY_PAIRS = 5  # the difference is small: more runs than the other measures
 
@@ -492,6 +680,42 @@ def render(r: dict[str, Any]) -> str:
             f"  efficiency          {s['efficiency']:>9}  (end to end / {s['slowest_stage']} alone; target >= 0.6)",
             f"  peak RSS            {s['peak_rss_mb']:>9} MB (target <= 300)",
         ]
+    if "cpu" in r:
+        c = r["cpu"]
+        by = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in c["us_per_row_by_stage"].items())
+        lines.append(
+            f"client CPU per row: {c['cpu_us_per_row']} us (target <= 11); by stage, us: {by}"
+        )
+    if "baseline" in r:
+        b = r["baseline"]
+        lines.append(
+            f"before/after (alternating, {b['baseline']}): {b['this']['rows_per_second']:,} vs"
+            f" {b['before']['rows_per_second']:,} rows/s ({b['speed_up']}x), CPU"
+            f" {b['this']['cpu_us_per_row']} vs {b['before']['cpu_us_per_row']} us/row,"
+            f" peak RSS {b['this']['peak_rss_mb']} vs {b['before']['peak_rss_mb']} MB"
+        )
+    if "peer" in r:
+        p = r["peer"]
+        if "skipped" in p:
+            lines.append(f"peer: {p['skipped']}")
+        else:
+            us, them = p["pipeline"], p["peer"]
+            lines += [
+                "side by side with the peer (the seed's design), one object, interleaved:",
+                f"  batch-pipeline  {us['rows_per_second']:>8,} rows/s  ({us['seconds']}s), CPU {us['cpu_us_per_row']} us/row, peak RSS {us['peak_rss_mb']} MB",
+                f"  peer            {them['rows_per_second']:>8,} rows/s  ({them['seconds']}s), CPU {them['cpu_us_per_row']} us/row, peak RSS {them['peak_rss_mb']} MB",
+                f"  {p['speed_up']}x the peer's rate (target >= 4), {p['cpu_ratio']}x less CPU per row",
+            ]
+    if "one_core" in r:
+        o = r["one_core"]
+        if "skipped" in o:
+            lines.append(f"one core: {o['skipped']}")
+        else:
+            lines.append(
+                f"one core (pipeline on CPU 0, services on CPU 1): {o['rows_per_second']:,} rows/s"
+                f" (target >= 80,000), CPU {o['cpu_us_per_row']} us/row = {o['own_rate_per_core']:,}"
+                f" rows/s per core of its own; {o['limited_by']}"
+            )
     if "scale" in r:
         lines.append("scale:  rows        seconds   rows/s    peak RSS MB")
         for t in r["scale"]:

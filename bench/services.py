@@ -15,7 +15,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -76,14 +76,22 @@ def with_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 @contextmanager
 def model_server(latency_ms: float = 0.0, capacity: int | None = None) -> Iterator[str]:
+    with model_server_process(latency_ms, capacity) as (url, _):
+        yield url
+
+
+@contextmanager
+def model_server_process(
+    latency_ms: float = 0.0, capacity: int | None = None
+) -> Iterator[tuple[str, int]]:
     port = free_port()
     args = [PYTHON, "-m", "pipeline.batch.main", "model-server", "--port", str(port)]
     args += ["--latency-ms", str(latency_ms)]
     if capacity:
         args += ["--capacity", str(capacity)]
     url = f"http://127.0.0.1:{port}"
-    with process(args, url + "/health"):
-        yield url
+    with process(args, url + "/health") as proc:
+        yield url, proc.pid
 
 
 @dataclass
@@ -93,6 +101,16 @@ class Services:
     s3_endpoint: str
     model_url: str
     s3: Any
+    pids: list[int] = field(default_factory=list)  # the services' own processes, to pin
+    pycache: str = ""  # where the measured processes keep their bytecode
+
+    def empty_database(self) -> str:
+        """A new database without the schema, for the peer (it creates its own tables)."""
+        name = f"bench_peer_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        parts = urlsplit(self.admin_url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
     def fresh_database(self) -> str:
         """A new, migrated database: each measured run starts from the same empty state."""
@@ -123,14 +141,60 @@ class Services:
             ENDPOINT_URL=self.s3_endpoint,
             PROGRESS="off",
         )
+        if self.pycache:
+            # As in the image (uv compiles the venv's bytecode at build time): without
+            # it every run would compile polars, boto3 and the rest again, about 2 s of
+            # CPU that a user's runs never spend.
+            env.pop("PYTHONDONTWRITEBYTECODE", None)
+            env["PYTHONPYCACHEPREFIX"] = self.pycache
         env.update(extra)
         return env
+
+    @contextmanager
+    def pinned(self, cpus: str) -> Iterator[None]:
+        """The services (every thread of PostgreSQL's processes, moto's and the model
+        server's) on `cpus` only, then back on every CPU."""
+        every = f"0-{(os.cpu_count() or 1) - 1}"
+        try:
+            for pid in self.service_processes():
+                set_affinity(pid, cpus)
+            yield
+        finally:
+            for pid in self.service_processes():
+                set_affinity(pid, every)
+
+    def service_processes(self) -> list[int]:
+        """The services' processes and their descendants (PostgreSQL's backends)."""
+        parents: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with suppress(OSError, IndexError, ValueError):
+                    stat = (entry / "stat").read_text()
+                    parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        found = set(self.pids)
+        grew = True
+        while grew:
+            more = {pid for pid, parent in parents.items() if parent in found} - found
+            grew = bool(more)
+            found |= more
+        return sorted(found)
+
+
+def set_affinity(pid: int, cpus: str) -> None:
+    """Every thread of `pid` on `cpus` (taskset -a: threads started later inherit it)."""
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", cpus, str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 @contextmanager
 def services(workdir: Path) -> Iterator[Services]:
     with ExitStack() as stack:
         admin = os.environ.get("BENCH_DATABASE_URL")
+        pids: list[int] = []
         if not admin:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -140,6 +204,8 @@ def services(workdir: Path) -> Iterator[Services]:
             server = pgserver.get_server(folder, cleanup_mode="stop")
             stack.callback(server.cleanup)
             admin = server.get_uri()
+            with suppress(OSError, ValueError):  # PostgreSQL's postmaster: pinned with its backends
+                pids.append(int((folder / "postmaster.pid").read_text().split()[0]))
         template = f"bench_template_{uuid.uuid4().hex[:6]}"
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{template}"')
@@ -158,7 +224,8 @@ def services(workdir: Path) -> Iterator[Services]:
 
         s3_port = free_port()
         moto = [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)]
-        stack.enter_context(process(moto, f"http://127.0.0.1:{s3_port}/moto-api/"))
+        moto_proc = stack.enter_context(process(moto, f"http://127.0.0.1:{s3_port}/moto-api/"))
+        pids.append(moto_proc.pid)
         endpoint = f"http://127.0.0.1:{s3_port}"
         import boto3
 
@@ -169,5 +236,6 @@ def services(workdir: Path) -> Iterator[Services]:
             aws_secret_access_key=S3_SECRET,
             region_name="us-east-1",
         )
-        model = stack.enter_context(model_server())
-        yield Services(admin, template, endpoint, model, s3)
+        model, model_pid = stack.enter_context(model_server_process())
+        pids.append(model_pid)
+        yield Services(admin, template, endpoint, model, s3, pids, str(workdir / "pycache"))

@@ -2,10 +2,11 @@
 
     python -m bench.stages score   # the valid rows through the scoring client, nothing written
     python -m bench.stages write   # already-scored rows through the sink, no API call
+    python -m bench.stages cpu     # each stage's CPU alone, one thread: the breakdown
 
 Both first read, validate and prepare the whole input (not timed), the way a run
 does, then time only their stage, with the run's settings from the environment.
-Prints one JSON line: rows, seconds, cpu_seconds.
+Prints one JSON line: rows, seconds, cpu_seconds (`cpu`: seconds of CPU by stage).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from library.models import Prediction, ScoreResult, WorkUnit
 from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
 from library.run import s3_client_for
 from library.score.codec import EVENT_TIME_FORMAT
-from library.sink import Sink
+from library.sink import FlushBuffer, PreparedFlush, Sink
 from library.validate import validate_chunk
 
 
@@ -127,7 +128,88 @@ def write() -> dict[str, float]:
     }
 
 
+def breakdown() -> dict[str, float]:
+    """The CPU of each stage of a run, each taken alone on this one thread, over the
+    whole input: read (CSV to text columns), validate, encode request (the request
+    JSON per chunk and the bodies), decode response, prepare COPY (the COPY line
+    columns per chunk and each flush's text). The model's answers are fetched
+    beforehand (not timed): decoding is timed on the very bytes a run decodes."""
+    import urllib3
+
+    settings = load_settings()
+    assert settings.SOURCE_URI
+    flow = ScoreAndWrite(settings, settings.database_url or "", "bench", StopSignal())
+    client, codec = flow.client, flow.client.codec
+    s3 = s3_client_for(settings)
+    spent = dict.fromkeys(("read", "validate", "encode_request", "decode_response", "prepare_copy"), 0.0)
+
+    def timed(name: str, began: float) -> float:
+        now = time.thread_time()
+        spent[name] += now - began
+        return now
+
+    chunks = []
+    for obj in source.list_objects(settings.SOURCE_URI, s3):
+        with source.open_text(obj, s3) as (text, _):
+            reader = source.read_chunks(
+                obj, text, settings.ROW_BATCH_SIZE, max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS
+            )
+            while True:
+                began = time.thread_time()
+                chunk = next(reader, None)
+                timed("read", began)
+                if chunk is None:
+                    break
+                chunks.append(chunk)
+    rows = sum(c.rows_read for c in chunks)
+    units: list[WorkUnit] = []
+    for number, chunk in enumerate(chunks):
+        began = time.thread_time()
+        validated = validate_chunk(chunk)
+        began = timed("validate", began)
+        frame = client.prepare(validated.valid)
+        began = timed("encode_request", began)
+        validated.valid = Sink.prepare_rows(frame, chunk.obj)
+        timed("prepare_copy", began)
+        units.extend(plan_units(validated, settings.API_BATCH_SIZE, len(units), number))
+    chunks.clear()
+    http = urllib3.PoolManager()
+    results: list[ScoreResult] = []
+    for unit in units:
+        if not unit.transactions.height:
+            results.append(ScoreResult())
+            continue
+        batch = unit.transactions
+        began = time.thread_time()
+        ids = batch.get_column("transaction_id").to_list()
+        if len(set(ids)) < len(ids):  # as the client does: the latest row of an id
+            batch = batch.unique(subset=["transaction_id"], keep="last", maintain_order=True)
+            ids = batch.get_column("transaction_id").to_list()
+        body = codec.encode(batch)
+        timed("encode_request", began)
+        answer = http.request(
+            "POST", client.url, body=body, headers={"Content-Type": "application/json"}
+        ).data
+        began = time.thread_time()
+        results.append(ScoreResult(predictions=codec.decode(answer, ids)))
+        timed("decode_response", began)
+    buffer = FlushBuffer()
+    for unit, result in zip(units, results, strict=True):
+        buffer.units.append((unit, result))
+        buffer.rows += unit.rows
+        if buffer.rows >= settings.DB_ROW_BATCH_SIZE:
+            began = time.thread_time()
+            PreparedFlush.build(buffer, None)
+            timed("prepare_copy", began)
+            buffer.clear()
+    if buffer.units:
+        began = time.thread_time()
+        PreparedFlush.build(buffer, None)
+        timed("prepare_copy", began)
+    return {"rows": rows, **spent}
+
+
 if __name__ == "__main__":
     stage = sys.argv[1]
-    out = score() if stage == "score" else write()
+    out = {"score": score, "write": write, "cpu": breakdown}[stage]()
     print(orjson.dumps(out).decode())

@@ -29,7 +29,7 @@ def test_the_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
             "--scale",
             "2000",
             "--only",
-            "stages,scale,adaptive,observability",
+            "stages,cpu,peer,one_core,scale,adaptive,observability",
             "--output",
             str(out),
         ],
@@ -52,4 +52,20 @@ def test_the_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
         "fixed_at_16",
     }
     assert "cost" in figures["observability"]
+    cpu = figures["cpu"]
+    assert cpu["cpu_us_per_row"] > 0
+    assert set(cpu["us_per_row_by_stage"]) == {
+        "read",
+        "validate",
+        "encode_request",
+        "decode_response",
+        "prepare_copy",
+        "start_up",
+        "other",
+    }
+    assert all(v >= 0 for k, v in cpu["us_per_row_by_stage"].items() if k != "other")
+    peer = figures["peer"]  # run from ../shared/peer when it is there
+    assert "skipped" in peer or (peer["speed_up"] > 0 and peer["peer"]["cpu_us_per_row"] > 0)
+    assert figures["one_core"]["rows_per_second"] > 0
+    assert figures["one_core"]["own_rate_per_core"] > 0
     assert "efficiency" in proc.stdout and "end to end" in proc.stdout

@@ -418,3 +418,82 @@ def test_memory_does_not_follow_the_length_of_a_line(tmp_path: Path, quoted: boo
     chars = len("tx-long,") + 40_000_000 + (2 if quoted else 0)
     assert long_row.line_number == 3 and f"row of {chars} characters" in long_row.reasons[0].message
     assert peak < 3 << 20  # the 1 MiB read buffer and a row's worth, not the 40 MB line
+
+
+# -- the vectorised parser against the csv reader, on any text -------------------------
+
+PLAIN = ["a", "b", "1", " ", "-", ".", "Z"]
+FIELD_CHARS = st.sampled_from([*PLAIN * 6, ",", '"', '"', "\n", "\r", "é", "\x00", "\udc80"])
+FIELD = st.one_of(
+    st.text(st.sampled_from(PLAIN), max_size=5),
+    st.text(FIELD_CHARS, max_size=4),
+    st.text(st.sampled_from(PLAIN), min_size=30, max_size=90),  # rows over the row limit
+)
+LINE = st.tuples(
+    st.lists(FIELD, min_size=0, max_size=12).map(",".join),
+    st.sampled_from(["\n", "\n", "\n", "\n", "\r\n", "\r", ""]),
+).map("".join)
+
+
+def chunks_of(text: str, vectorised: bool, **options: int) -> list[tuple[object, ...]]:
+    """Everything read_chunks yields (rows, lines, raw text as stored, malformed rows,
+    chunk ends) and the error that ends the object, if any."""
+    out: list[tuple[object, ...]] = []
+    text_io = io.StringIO(text, newline="")
+    try:
+        for chunk in source.read_chunks(OBJ, text_io, vectorised=vectorised, **options):  # type: ignore[arg-type]
+            out.append(
+                (
+                    chunk.index,
+                    chunk.last_line,
+                    chunk.frame.to_dicts(),
+                    [source.stored_raw_text(raw) for raw in chunk.raw_text],
+                    [(m.line_number, m.raw_text, m.reasons) for m in chunk.malformed],
+                )
+            )
+    except SourceError as exc:
+        out.append((type(exc).__name__, str(exc)))
+    return out
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.lists(LINE, max_size=40).map("".join),
+    st.integers(1, 300),
+    st.integers(8, 64),
+    st.integers(120, 170),
+    st.integers(0, 300),
+    st.integers(1, 7),
+    st.integers(1, 12),
+)
+def test_the_vectorised_parser_reads_every_text_as_the_csv_reader_path_does(
+    body: str,
+    block: int,
+    piece: int,
+    max_row: int,
+    quoted_extra: int,
+    batch: int,
+    resume_after: int,
+) -> None:
+    """Plain lines parsed by polars, every other line by the csv reader: the same rows,
+    line numbers, raw text, reasons, chunks and errors as the csv reader alone."""
+    text = ",".join(HEADER) + "\n" + body
+    options = {
+        "row_batch_size": batch,
+        "resume_after_line": resume_after,
+        "block_chars": block,
+        "piece_chars": piece,
+        "max_row_chars": max_row,
+        "max_quoted_field_chars": max_row + quoted_extra,
+    }
+    assert chunks_of(text, True, **options) == chunks_of(text, False, **options)
+
+
+def test_the_vectorised_parser_takes_plain_lines_and_leaves_the_rest() -> None:
+    """A quoted row between plain ones: both parsers used, rows in line order."""
+    text = to_csv([row(1), row(2, account_id='acc "x"\ny'), row(3), row(4)])
+    text_io = io.StringIO(text, newline="")
+    [chunk] = source.read_chunks(OBJ, text_io, 100)
+    assert chunk.frame[LINE_COLUMN].to_list() == [2, 3, 5, 6]
+    assert chunk.frame["account_id"][1] == 'acc "x"\ny'
+    assert source.stored_raw_text(chunk.raw_text[2]) == text.splitlines()[4]
