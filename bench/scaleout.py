@@ -100,7 +100,9 @@ def group_run(
             RUN_GROUP=f"bench-{uuid.uuid4().hex[:8]}",
             **extra,
         )
-        wall, _rss, code, output = timed_process([*CLI, "run", "--workers", str(workers)], env)
+        wall, _rss, code, output, _cpu = timed_process(
+            [*CLI, "run", "--workers", str(workers)], env
+        )
         with psycopg.connect(database) as conn:
             # The group's span, from its first run's start to its last run's end: interpreter
             # start-up excluded, as in the main benchmark.
