@@ -104,21 +104,20 @@ class Services:
     pids: list[int] = field(default_factory=list)  # the services' own processes, to pin
     pycache: str = ""  # where the measured processes keep their bytecode
 
-    def empty_database(self) -> str:
-        """A new database without the schema, for the peer (it creates its own tables)."""
-        name = f"bench_peer_{uuid.uuid4().hex[:10]}"
+    def _new_database(self, prefix: str, clause: str = "") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"{clause}')
         parts = urlsplit(self.admin_url)
         return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
+    def empty_database(self) -> str:
+        """A new database without the schema, for the peer (it creates its own tables)."""
+        return self._new_database("bench_peer")
+
     def fresh_database(self) -> str:
         """A new, migrated database: each measured run starts from the same empty state."""
-        name = f"bench_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
-        parts = urlsplit(self.admin_url)
-        return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+        return self._new_database("bench", f' TEMPLATE "{self.template}"')
 
     def drop_database(self, url: str) -> None:
         name = urlsplit(url).path.lstrip("/")

@@ -63,6 +63,17 @@ EXIT_SEVERITY = (
 )
 
 
+# (finished, listed) objects of a group: finished is completed, or failed by the group.
+OBJECTS_FINISHED = """
+SELECT count(*) FILTER (WHERE s.status = 'completed'
+                        OR (s.status = 'failed' AND p.run_group = g.run_group)),
+       count(*)
+FROM run_group_objects g
+LEFT JOIN source_objects s USING (source_uri, source_version)
+LEFT JOIN pipeline_runs p ON p.run_id = s.run_id
+WHERE g.run_group = %(group)s"""
+
+
 class GroupStopped(PipelineError):
     """Another worker of the group stopped it; this worker claims nothing more."""
 
@@ -255,15 +266,7 @@ class RunGroup:
                     "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                     (f"batch-pipeline:group:{name}",),
                 )
-                left = conn.execute(
-                    """SELECT count(*) FROM run_group_objects g
-                       LEFT JOIN source_objects s USING (source_uri, source_version)
-                       LEFT JOIN pipeline_runs p ON p.run_id = s.run_id
-                       WHERE g.run_group = %s AND NOT COALESCE(
-                           s.status = 'completed' OR (s.status = 'failed' AND p.run_group = %s),
-                           false)""",
-                    (name, name),
-                ).fetchone()
+                counted = conn.execute(OBJECTS_FINISHED, {"group": name}).fetchone()
                 runs = conn.execute(
                     """SELECT status, (summary->>'exit_code')::int FROM pipeline_runs
                        WHERE run_group = %s""",
@@ -274,7 +277,8 @@ class RunGroup:
                 stopped = conn.execute(
                     "SELECT stopped_by IS NOT NULL FROM run_groups WHERE run_group = %s", (name,)
                 ).fetchone()
-                done = (left is not None and left[0] == 0) or bool(stopped and stopped[0])
+                all_finished = counted is not None and counted[0] == counted[1]
+                done = all_finished or bool(stopped and stopped[0])
                 if not done or busy:
                     return False, code
                 closed = conn.execute(

@@ -60,6 +60,9 @@ td.n,th.n{text-align:right}code{white-space:pre-wrap;word-break:break-all}
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
+# The counts of a run or an object, in the order every report shows them.
+ROW_COUNTS = ("rows_read", "rows_valid", "rows_invalid", "rows_scored", "rows_failed")
+
 
 # -- formatting ------------------------------------------------------------------
 
@@ -526,16 +529,7 @@ def render_html(report: dict[str, Any]) -> str:
             ["object", "version", "status", "read", "valid", "invalid", "scored", "failed"],
             [
                 [_e(o["source_uri"]), _e(o["source_version"]), _e(o["status"])]
-                + [
-                    _e(_num(o[k]))
-                    for k in (
-                        "rows_read",
-                        "rows_valid",
-                        "rows_invalid",
-                        "rows_scored",
-                        "rows_failed",
-                    )
-                ]
+                + [_e(_num(o[k])) for k in ROW_COUNTS]
                 for o in report["objects"]
             ],
             {3, 4, 5, 6, 7},

@@ -29,7 +29,7 @@ import orjson
 import psycopg
 
 from library.errors import PipelineError
-from library.report_html import render_html
+from library.report_html import ROW_COUNTS, render_html
 
 EXAMPLES_PER_GROUP = 3
 SCORE_BUCKETS = 20  # the score histogram's bins over [0, 1]
@@ -295,16 +295,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 md(o["source_uri"]),
                 md(o["source_version"]),
                 md(o["status"]),
-                *(
-                    md(o[k])
-                    for k in (
-                        "rows_read",
-                        "rows_valid",
-                        "rows_invalid",
-                        "rows_scored",
-                        "rows_failed",
-                    )
-                ),
+                *(md(o[k]) for k in ROW_COUNTS),
             ]
             for o in report["objects"]
         ],
@@ -366,10 +357,10 @@ def render_csv(report: dict[str, Any]) -> str:
 
     w.writerow(["section", "name", "detail", "count"])
     run = report["run"]
-    for key in ("rows_read", "rows_valid", "rows_invalid", "rows_scored", "rows_failed"):
+    for key in ROW_COUNTS:
         row("run", key, run["status"], run[key])
     for o in report["objects"]:
-        for key in ("rows_read", "rows_valid", "rows_invalid", "rows_scored", "rows_failed"):
+        for key in ROW_COUNTS:
             row("object", o["source_uri"], key, o[key])
     for g in report["invalid_reasons"]:
         example = g["examples"][0] if g["examples"] else {}
@@ -392,12 +383,10 @@ RENDERERS = {
 
 # -- run groups (scale-out) -------------------------------------------------------
 
-GROUP_COUNTS = ("rows_read", "rows_valid", "rows_invalid", "rows_scored", "rows_failed")
-
 
 def group_status(conn: psycopg.Connection[Any], group: str) -> dict[str, Any]:
     """A run group: its workers' runs, their sum, and the group's exit code."""
-    from library.group import group_exit_code
+    from library.group import OBJECTS_FINISHED, group_exit_code
 
     head = _one(
         conn,
@@ -409,7 +398,7 @@ def group_status(conn: psycopg.Connection[Any], group: str) -> dict[str, Any]:
     runs = _all(
         conn,
         f"""SELECT run_id, worker_index, status, started_at, finished_at,
-                   {", ".join(GROUP_COUNTS)}, objects_done, objects_failed, objects_skipped,
+                   {", ".join(ROW_COUNTS)}, objects_done, objects_failed, objects_skipped,
                    (summary->>'exit_code')::int AS exit_code, error
             FROM pipeline_runs WHERE run_group = %s
             ORDER BY worker_index NULLS LAST, started_at""",
@@ -417,25 +406,16 @@ def group_status(conn: psycopg.Connection[Any], group: str) -> dict[str, Any]:
     )
     if head is None and not runs:
         raise RunNotFound(f"no run group {group}")
-    total = {name: sum(int(r[name] or 0) for r in runs) for name in GROUP_COUNTS}
+    total = {name: sum(int(r[name] or 0) for r in runs) for name in ROW_COUNTS}
     codes = [r["exit_code"] for r in runs if r["exit_code"] is not None]
-    done = _one(
-        conn,
-        """SELECT count(*) FILTER (WHERE s.status = 'completed'
-                                   OR (s.status = 'failed' AND p.run_group = g.run_group)) AS done
-           FROM run_group_objects g
-           LEFT JOIN source_objects s USING (source_uri, source_version)
-           LEFT JOIN pipeline_runs p ON p.run_id = s.run_id
-           WHERE g.run_group = %s""",
-        (group,),
-    )
+    done = conn.execute(OBJECTS_FINISHED, {"group": group}).fetchone()
     running = any(r["status"] == "processing" for r in runs)
     return {
         "run_group": group,
         "source_uri": head["source_uri"] if head else None,
         "state": "running" if running else "finished" if head and head["finished_at"] else "ended",
         "objects_total": head["objects_total"] if head else None,
-        "objects_finished": int(done["done"]) if done else 0,
+        "objects_finished": int(done[0]) if done else 0,
         "stopped_by": head["stopped_by"] if head else None,
         "stop_reason": head["stop_reason"] if head else None,
         "exit_code": group_exit_code(codes),
@@ -494,7 +474,7 @@ def render_group_markdown(group: dict[str, Any]) -> str:
                 md("-" if r["worker_index"] is None else r["worker_index"]),
                 md(r["run_id"]),
                 md(r["status"]),
-                *(md(r[name]) for name in GROUP_COUNTS),
+                *(md(r[name]) for name in ROW_COUNTS),
                 md("-" if r["exit_code"] is None else r["exit_code"]),
             ]
             for r in group["runs"]
@@ -507,14 +487,14 @@ def render_group_markdown(group: dict[str, Any]) -> str:
 def render_group_csv(group: dict[str, Any]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(["worker", "run_id", "status", *GROUP_COUNTS, "exit_code"])
+    writer.writerow(["worker", "run_id", "status", *ROW_COUNTS, "exit_code"])
     for r in group["runs"]:
         writer.writerow(
             [
                 csv_cell(r["worker_index"]),
                 csv_cell(r["run_id"]),
                 csv_cell(r["status"]),
-                *(r[name] for name in GROUP_COUNTS),
+                *(r[name] for name in ROW_COUNTS),
                 r["exit_code"],
             ]
         )
