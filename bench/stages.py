@@ -21,12 +21,13 @@ import orjson
 
 from library import source
 from library.batching import plan_units
-from library.config import load_settings
-from library.flow import ScoreAndWrite, StopSignal
+from library.config import Settings, load_settings
+from library.flow import make_client, prepare_units
 from library.ledger import Ledger
 from library.models import Prediction, ScoreResult, WorkUnit
 from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
-from library.run import s3_client_for
+from library.run import reader_for, s3_client_for
+from library.score.client import ScoringClient
 from library.score.codec import EVENT_TIME_FORMAT
 from library.sink import FlushBuffer, PreparedFlush, Sink
 from library.validate import validate_chunk
@@ -37,35 +38,26 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def load_units(flow: ScoreAndWrite) -> list[WorkUnit]:
-    settings = flow.settings
+def load_units(settings: Settings, client: ScoringClient) -> list[WorkUnit]:
+    """The whole input read, validated and prepared as a run does (ObjectReader,
+    prepare_units), as work units."""
     assert settings.SOURCE_URI
     s3 = s3_client_for(settings)
+    reader = reader_for(settings, s3)
     units: list[WorkUnit] = []
-    chunk_number = 0
     for obj in source.list_objects(settings.SOURCE_URI, s3):
-        with source.open_text(obj, s3) as (text, _):
-            for chunk in source.read_chunks(
-                obj,
-                text,
-                settings.ROW_BATCH_SIZE,
-                max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
-            ):
-                validated = validate_chunk(chunk)
-                validated.valid = flow.prepare(validated.valid, obj)
-                units.extend(
-                    plan_units(validated, settings.API_BATCH_SIZE, len(units), chunk_number)
-                )
-                chunk_number += 1
+        for chunk in reader.chunks(obj):
+            units.extend(
+                prepare_units(chunk, client, Sink, settings.API_BATCH_SIZE, len(units), chunk.index)
+            )
     return units
 
 
 def score() -> dict[str, float]:
     settings = load_settings()
-    flow = ScoreAndWrite(settings, settings.database_url or "", "bench", StopSignal())
-    units = [u for u in load_units(flow) if u.transactions.height]
+    client = make_client(settings)
+    units = [u for u in load_units(settings, client) if u.transactions.height]
     rows = sum(u.transactions.height for u in units)
-    client = flow.client
     began, cpu0 = time.perf_counter(), cpu()
     with ThreadPoolExecutor(settings.API_MAX_WORKERS) as pool:
         results = list(pool.map(lambda u: client.score(u.transactions), units))
@@ -97,8 +89,7 @@ def write() -> dict[str, float]:
     settings = load_settings()
     url = settings.database_url
     assert url
-    flow = ScoreAndWrite(settings, url, "bench", StopSignal())
-    units = load_units(flow)
+    units = load_units(settings, make_client(settings))
     results = [local_scores(u) for u in units]
     rows = sum(u.rows for u in units)
     ledger = Ledger(url, settings.DB_RETRY_TIMEOUT)
@@ -138,8 +129,8 @@ def breakdown() -> dict[str, float]:
 
     settings = load_settings()
     assert settings.SOURCE_URI
-    flow = ScoreAndWrite(settings, settings.database_url or "", "bench", StopSignal())
-    client, codec = flow.client, flow.client.codec
+    client = make_client(settings)
+    codec = client.codec
     s3 = s3_client_for(settings)
     spent = dict.fromkeys(("read", "validate", "encode_request", "decode_response", "prepare_copy"), 0.0)
 

@@ -1,6 +1,7 @@
 """Scoring and writing in source order: the pool, the bounded queue, the writer thread.
 
-    feeder (caller's thread)  submits each unit to the scoring pool, then queues it
+    feeder (caller's thread)  prepares each validated chunk, cuts it into units, submits
+                              each unit to the scoring pool, then queues it
     scoring pool              API_MAX_WORKERS threads, each scoring one unit at a time
     writer thread             takes units in queue order, waits for each one's scores
                               and hands it to the sink
@@ -20,19 +21,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import polars as pl
-
 from library import logs
+from library.batching import plan_units
 from library.config import Settings
 from library.errors import DatabaseError, PipelineError, ThresholdExceededError
 from library.faults import failpoint
 from library.metrics import RunMetrics
-from library.models import Counts, ScoreResult, SourceObject, WorkUnit
+from library.models import Counts, ScoreResult, SourceObject, ValidatedChunk, WorkUnit
 from library.progress import StageTimes
+from library.run_report import RunStats
 from library.score.client import ScoringClient
 from library.score.codec import make_codec
 from library.sink import Sink
@@ -40,6 +41,8 @@ from library.sink import Sink
 log = logging.getLogger(__name__)
 
 MIN_ROWS_FOR_RATIO = 1000  # a ratio over fewer rows says little; the end-of-run check still applies
+MIN_WRITER_QUEUE_UNITS = 8  # the writer's queue: at least this many units...
+WRITER_QUEUE_UNITS_PER_WORKER = 4  # ...and this many per scoring worker
 
 
 class StopSignal:
@@ -72,23 +75,34 @@ class Stopping(Exception):
     """Raised to the feeder when the run is stopping: stop reading."""
 
 
-def check_ratios(counts: Counts, settings: Settings, final: bool) -> None:
-    """Raise ThresholdExceededError when a ratio of the contract is crossed."""
-    if counts.read == 0 or (not final and counts.read < MIN_ROWS_FOR_RATIO):
-        return
-    invalid_ratio = counts.invalid / counts.read
-    if invalid_ratio > settings.MAX_INVALID_RATIO:
-        raise ThresholdExceededError(
-            f"MAX_INVALID_RATIO crossed: {counts.invalid} of {counts.read} rows read are invalid "
-            f"({invalid_ratio:.2%} > {settings.MAX_INVALID_RATIO:.2%})"
-        )
-    if counts.valid:
-        failed_ratio = counts.failed / counts.valid
-        if failed_ratio > settings.MAX_FAILED_RATIO:
+@dataclass(frozen=True)
+class Ratios:
+    """The contract's two ratios (MAX_INVALID_RATIO, MAX_FAILED_RATIO) and their check."""
+
+    max_invalid: float
+    max_failed: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> Ratios:
+        return cls(settings.MAX_INVALID_RATIO, settings.MAX_FAILED_RATIO)
+
+    def check(self, counts: Counts, final: bool) -> None:
+        """Raise ThresholdExceededError when a ratio is crossed."""
+        if counts.read == 0 or (not final and counts.read < MIN_ROWS_FOR_RATIO):
+            return
+        invalid_ratio = counts.invalid / counts.read
+        if invalid_ratio > self.max_invalid:
             raise ThresholdExceededError(
-                f"MAX_FAILED_RATIO crossed: {counts.failed} of {counts.valid} valid transactions "
-                f"could not be scored ({failed_ratio:.2%} > {settings.MAX_FAILED_RATIO:.2%})"
+                f"MAX_INVALID_RATIO crossed: {counts.invalid} of {counts.read} rows read are "
+                f"invalid ({invalid_ratio:.2%} > {self.max_invalid:.2%})"
             )
+        if counts.valid:
+            failed_ratio = counts.failed / counts.valid
+            if failed_ratio > self.max_failed:
+                raise ThresholdExceededError(
+                    f"MAX_FAILED_RATIO crossed: {counts.failed} of {counts.valid} valid "
+                    f"transactions could not be scored ({failed_ratio:.2%} > {self.max_failed:.2%})"
+                )
 
 
 @dataclass
@@ -127,18 +141,19 @@ class Writer(threading.Thread):
     def __init__(
         self,
         sink: Sink,
-        settings: Settings,
         on_abort: Callable[[PipelineError], None],
+        *,
         queue_size: int,
-        ratios: bool,
+        flush_interval: float,
+        ratios: Ratios | None,
         times: StageTimes,
     ) -> None:
         super().__init__(name="writer", daemon=True)
         self.sink = sink
-        self.settings = settings
         self.items: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self.error: PipelineError | None = None
         self._on_abort = on_abort
+        self._flush_interval = flush_interval
         self._ratios = ratios
         self._times = times
         self._chunk_counts = Counts()
@@ -170,7 +185,7 @@ class Writer(threading.Thread):
             self._on_abort(exc)
 
     def _consume(self) -> None:
-        interval = self.settings.DB_FLUSH_INTERVAL
+        interval = self._flush_interval
         times = self._times
         logs.set_context(stage="write")
         while True:
@@ -200,8 +215,8 @@ class Writer(threading.Thread):
                     times.writer_waited_on_score += time.perf_counter() - waited
                 self.sink.add(item.unit, result)
                 self._log_chunk(item.unit, result)
-                if self._ratios:
-                    check_ratios(self.sink.run.counts, self.settings, final=False)
+                if self._ratios is not None:
+                    self._ratios.check(self.sink.run.counts, final=False)
             elif isinstance(item, _End):
                 if item.lost:
                     self.sink.forget_object(item.obj)
@@ -240,38 +255,99 @@ class Writer(threading.Thread):
             self._chunk_counts = Counts()
 
 
+def prepare_units(
+    chunk: ValidatedChunk,
+    client: ScoringClient,
+    sink: Sink | type[Sink],
+    api_batch_size: int,
+    first_seq: int,
+    chunk_number: int,
+) -> list[WorkUnit]:
+    """A validated chunk prepared for the later stages and cut into work units.
+
+    The chunk-wide vectorised work (request rows, COPY lines) is done here, once
+    per chunk rather than once per batch."""
+    chunk.valid = sink.prepare_rows(client.prepare(chunk.valid), chunk.obj)
+    return list(plan_units(chunk, api_batch_size, first_seq, chunk_number))
+
+
+def queue_size_for(workers: int) -> int:
+    """Units read but not yet written: enough to keep every worker busy while the writer
+    flushes (WRITER_QUEUE_UNITS_PER_WORKER per worker), few enough to keep memory flat."""
+    return max(MIN_WRITER_QUEUE_UNITS, WRITER_QUEUE_UNITS_PER_WORKER * workers)
+
+
+def make_client(settings: Settings) -> ScoringClient:
+    """The scoring client of the settings (ML_API_*, API_*)."""
+    assert settings.ML_API_URL
+    return ScoringClient(
+        settings.ML_API_URL,
+        make_codec(settings),
+        timeout=settings.API_TIMEOUT,
+        max_retries=settings.API_MAX_RETRIES,
+        backoff=settings.API_RETRY_BACKOFF,
+        backoff_max=settings.API_RETRY_BACKOFF_MAX,
+        pool_size=settings.API_MAX_WORKERS,
+        token=settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None,
+        adaptive=settings.API_CONCURRENCY == "adaptive",
+        rate_limit=settings.API_RATE_LIMIT,
+        down_timeout=settings.API_DOWN_TIMEOUT,
+    )
+
+
 class ScoreAndWrite:
-    """The scoring pool and the ordered writer of one run. Feed it from one thread."""
+    """The scoring pool and the ordered writer of one run. Feed it from one thread.
+
+    It receives its collaborators (the scoring client, the sink, the executor that
+    scores): `from_settings` builds the real ones; tests pass their own.
+    """
 
     def __init__(
         self,
+        client: ScoringClient,
+        sink: Sink,
+        executor: Executor,
+        stop: StopSignal,
+        *,
+        api_batch_size: int,
+        flush_interval: float,
+        queue_size: int,
+        ratios: Ratios | None,
+        workers: int,
+    ) -> None:
+        self.client = client
+        self.sink = sink
+        self.executor = executor
+        self.stop = stop
+        self.api_batch_size = api_batch_size
+        self.times = StageTimes(workers=workers)
+        self._times_lock = threading.Lock()
+        stop.on_set(lambda exc: self.client.stop(str(exc)))
+        self.writer = Writer(
+            sink,
+            stop.set,
+            queue_size=queue_size,
+            flush_interval=flush_interval,
+            ratios=ratios,
+            times=self.times,
+        )
+        self._seq = 0
+        self._chunk_number = 0
+
+    @classmethod
+    def from_settings(
+        cls,
         settings: Settings,
         database_url: str,
         run_id: str,
         stop: StopSignal,
+        *,
         ratios: bool = True,
         metrics: RunMetrics | None = None,
         on_claim_lost: Callable[[SourceObject], None] | None = None,
-    ) -> None:
-        assert settings.ML_API_URL
-        self.settings = settings
-        self.stop = stop
-        self.client = ScoringClient(
-            settings.ML_API_URL,
-            make_codec(settings),
-            timeout=settings.API_TIMEOUT,
-            max_retries=settings.API_MAX_RETRIES,
-            backoff=settings.API_RETRY_BACKOFF,
-            backoff_max=settings.API_RETRY_BACKOFF_MAX,
-            pool_size=settings.API_MAX_WORKERS,
-            token=settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None,
-            adaptive=settings.API_CONCURRENCY == "adaptive",
-            rate_limit=settings.API_RATE_LIMIT,
-            down_timeout=settings.API_DOWN_TIMEOUT,
-        )
-        self.times = StageTimes(workers=settings.API_MAX_WORKERS)
-        self._times_lock = threading.Lock()
-        self.sink = Sink(
+    ) -> ScoreAndWrite:
+        client = make_client(settings)
+        sink = Sink(
             database_url,
             run_id,
             settings.DB_ROW_BATCH_SIZE,
@@ -280,19 +356,20 @@ class ScoreAndWrite:
             on_claim_lost=on_claim_lost,
         )
         if metrics:
-            self.client.stats.on_request = metrics.observe_request
-            self.client.stats.on_retry = metrics.observe_retry
-        stop.on_set(lambda exc: self.client.stop(str(exc)))
-        self.writer = Writer(
-            self.sink,
-            settings,
-            stop.set,
-            queue_size=max(8, 4 * settings.API_MAX_WORKERS),
-            ratios=ratios,
-            times=self.times,
+            client.stats.on_request = metrics.observe_request
+            client.stats.on_retry = metrics.observe_retry
+        workers = settings.API_MAX_WORKERS
+        return cls(
+            client,
+            sink,
+            ThreadPoolExecutor(workers, thread_name_prefix="score"),
+            stop,
+            api_batch_size=settings.API_BATCH_SIZE,
+            flush_interval=settings.DB_FLUSH_INTERVAL,
+            queue_size=queue_size_for(workers),
+            ratios=Ratios.of(settings) if ratios else None,
+            workers=workers,
         )
-        self.executor = ThreadPoolExecutor(settings.API_MAX_WORKERS, thread_name_prefix="score")
-        self._seq = 0
 
     def start(self) -> None:
         self.client.check_ready()
@@ -300,19 +377,24 @@ class ScoreAndWrite:
 
     # -- feeding, in source order ----------------------------------------------
 
-    def prepare(self, frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
-        """Chunk-wide vectorised work for the later stages, done on the reader thread."""
-        return Sink.prepare_rows(self.client.prepare(frame), obj)
-
-    def next_seq(self) -> int:
-        return self._seq
-
     def begin(
         self, obj: SourceObject, checkpoint_line: int, prior: Counts | None, fence: int
     ) -> None:
         self._put(_Begin(obj, checkpoint_line, prior, fence))
 
-    def submit(self, unit: WorkUnit) -> None:
+    def feed(self, chunk: ValidatedChunk) -> None:
+        """Prepare a validated chunk, cut it into units and submit them (on the reader's
+        thread: see prepare_units)."""
+        began = time.perf_counter()
+        units = prepare_units(
+            chunk, self.client, self.sink, self.api_batch_size, self._seq, self._chunk_number
+        )
+        self._chunk_number += 1
+        self.times.validate += time.perf_counter() - began
+        for unit in units:
+            self._submit(unit)
+
+    def _submit(self, unit: WorkUnit) -> None:
         self._seq = unit.seq + 1
         if unit.transactions.height == 0:
             future: Future[ScoreResult] = Future()
@@ -359,18 +441,40 @@ class ScoreAndWrite:
         if not force:
             raise Stopping
 
+    # -- what it did -----------------------------------------------------------
+
+    @property
+    def counts(self) -> Counts:
+        """Rows written so far, by outcome."""
+        return self.sink.run.counts
+
     def concurrency(self) -> dict[str, Any]:
         """What the limiter did: the mode, the ceiling, where it settled."""
-        stats = self.client.limiter.stats()
+        limiter = self.client.limiter
+        stats = limiter.stats()
         return {
-            "mode": self.settings.API_CONCURRENCY,
-            "ceiling": self.settings.API_MAX_WORKERS,
-            "settled": self.client.limiter.limit,
+            "mode": "adaptive" if limiter.adaptive else "fixed",
+            "ceiling": limiter.ceiling,
+            "settled": limiter.limit,
             "average": round(stats.average_limit, 2),
             "peak": int(stats.peak_limit),
             "decreases": stats.decreases,
             "paused_seconds": round(stats.paused_seconds, 3),
         }
+
+    def stats(self) -> RunStats:
+        """A snapshot of the figures of the run's report."""
+        run = self.sink.run
+        return RunStats(
+            counts=run.counts,
+            model_version=run.model_version,
+            api_requests=self.client.stats.requests,
+            api_retries=self.client.stats.retries,
+            flushes=run.flushes,
+            flush_seconds=run.flush_seconds,
+            concurrency=self.concurrency(),
+            stage_times=self.times,
+        )
 
     # -- the end ---------------------------------------------------------------
 
@@ -389,3 +493,8 @@ class ScoreAndWrite:
             raise self.stop.error
         if self.writer.error is not None:
             raise self.writer.error
+
+
+# Builds a job's ScoreAndWrite from (settings, database URL, run id, stop signal, and
+# the keywords of `ScoreAndWrite.from_settings`); tests pass one that builds fakes.
+FlowFactory = Callable[..., ScoreAndWrite]

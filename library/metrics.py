@@ -32,12 +32,17 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import pushadd_to_gateway, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from library.errors import EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS
 from library.models import Counts
+
+if TYPE_CHECKING:
+    from library.run_report import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +168,20 @@ class RunMetrics:
             self.status.labels(s).set(1 if s == status else 0)
 
     # -- publishing --------------------------------------------------------------
+
+    def publish_report(self, report: RunReport, group_outcome: tuple[bool, int] | None) -> None:
+        """The run's final figures, pushed once. A worker of a run group reports the
+        group's success (`group_outcome`: finished by this worker, the group's code)."""
+        self.set_counts(report.counts)
+        if report.objects_found is not None:
+            self.set_objects_found(report.objects_found)
+        for outcome in report.objects:
+            self.observe_object(outcome.status)
+        succeeded = None
+        if group_outcome is not None:
+            finished, code = group_outcome
+            succeeded = finished and code in (EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS)
+        self.publish(final_status=report.status, succeeded=succeeded)
 
     def publish(self, final_status: str | None = None, succeeded: bool | None = None) -> None:
         """Push and/or write the metrics; at the end, with the run's final status.

@@ -76,6 +76,10 @@ class ValidatedChunk:
     invalid: list[InvalidRow]  # sorted by line
     last_line: int
 
+    @property
+    def rows(self) -> int:
+        return self.valid.height + len(self.invalid)
+
 
 @dataclass
 class WorkUnit:

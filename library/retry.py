@@ -12,18 +12,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from datetime import datetime
 
 import polars as pl
 
 from library import db
-from library.batching import plan_units
 from library.config import Settings
 from library.errors import ConfigError, PipelineError
-from library.flow import ScoreAndWrite, Stopping, StopSignal
-from library.models import LINE_COLUMN, Counts, SourceObject, ValidatedChunk
-from library.run import RunReport, decide, finish_run, ledger_session
+from library.flow import FlowFactory, ScoreAndWrite, Stopping, StopSignal
+from library.models import LINE_COLUMN, SourceObject, ValidatedChunk
+from library.run_report import RunReport
 from library.score.ready import wait_until_ready
+from library.session import job_session
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +77,24 @@ def failed_chunks(url: str, run: str | None, size: int) -> Iterator[ValidatedChu
         conn.close()
 
 
-def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunReport:
+def retry_failed(
+    settings: Settings,
+    run: str | None,
+    stop: StopSignal,
+    make_flow: FlowFactory = ScoreAndWrite.from_settings,
+) -> RunReport:
     if not settings.ML_API_URL:
         raise ConfigError("ML_API_URL is required: set it or pass --ml-api-url http://host:port")
-    started = time.time()
     label = "retry-failed" + (f" --run {run}" if run else "")
-    with ledger_session(settings, False, "retry") as (ledger, url, shown):
-        waiting = ledger.count_unresolved_failures(run)
-        run_id = ledger.start_run(datetime.now(), label, settings.redacted())
+    with job_session(settings, time.time(), label, purpose="retry") as session:
+        waiting = session.ledger.count_unresolved_failures(run)
         log.info(
             "Pipeline Run ID: %s (%s: %d transaction(s) to score again)",
-            run_id,
+            session.run_id,
             label,
             waiting,
         )
-        flow = ScoreAndWrite(settings, url, run_id, stop, ratios=False)
+        flow = make_flow(settings, session.url, session.run_id, stop, ratios=False)
         error: PipelineError | None = None
         try:
             try:
@@ -100,37 +102,13 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
                     flow.client.check_ready, settings.API_WAIT_READY, stop.event, lambda: stop.error
                 )
                 flow.start()
-                for number, chunk in enumerate(failed_chunks(url, run, settings.ROW_BATCH_SIZE)):
-                    chunk.valid = flow.prepare(chunk.valid, chunk.obj)
-                    for unit in plan_units(chunk, settings.API_BATCH_SIZE, flow.next_seq(), number):
-                        flow.submit(unit)
+                for chunk in failed_chunks(session.url, run, settings.ROW_BATCH_SIZE):
+                    flow.feed(chunk)
             except Stopping:
                 pass
             finally:
                 flow.finish()
         except PipelineError as exc:
             error = exc
-        counts: Counts = flow.sink.run.counts
-        status, exit_code, message = decide(
-            error, counts, [], settings.COMPLETED_WITH_ERRORS_EXIT_CODE
-        )
-        report = RunReport(
-            run_id=run_id,
-            status=status,
-            exit_code=exit_code,
-            counts=counts,
-            objects=[],
-            started_at=started,
-            finished_at=time.time(),
-            error=message,
-            model_version=flow.sink.run.model_version,
-            database=shown,
-            api_requests=flow.client.stats.requests,
-            api_retries=flow.client.stats.retries,
-            flushes=flow.sink.run.flushes,
-            flush_seconds=flow.sink.run.flush_seconds,
-            concurrency=flow.concurrency(),
-        )
-        finish_run(ledger, report)
-        return report
+        return session.finish(flow.stats(), [], error)
     raise AssertionError("unreachable")

@@ -2,9 +2,10 @@
 
 For each object of SOURCE_URI, in key order: claim it in the ledger (skip it if
 it is completed at this version or another run holds it; resume it from its
-checkpoint if a run died on it), stream and parse it, validate each chunk, cut
-it into units and feed them to `ScoreAndWrite`, which scores them in parallel
-and writes them in order. The run's outcome decides the exit code.
+checkpoint if a run died on it), read it through `ObjectReader` (parsed and
+validated chunks) and feed the chunks to `ScoreAndWrite`, which scores them in
+parallel and writes them in order. `JobSession` records the run and its end;
+the run's outcome decides the exit code (`run_report.decide`).
 """
 
 from __future__ import annotations
@@ -13,40 +14,36 @@ import functools
 import logging
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import closing
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from library import db, logs, source
-from library.batching import plan_units
-from library.config import Settings, redact_url, url_secrets
+from library import logs, source
+from library.config import Settings
 from library.errors import (
-    EXIT_COMPLETED,
-    EXIT_COMPLETED_WITH_ERRORS,
-    EXIT_FAILED,
     ConfigError,
     MissingColumnsError,
     PipelineError,
     SourceError,
     ThresholdExceededError,
 )
-from library.flow import ScoreAndWrite, Stopping, StopSignal, check_ratios
+from library.flow import FlowFactory, Ratios, ScoreAndWrite, Stopping, StopSignal
 from library.group import GroupStopped, RunGroup
-from library.ledger import Ledger, RunStatus
+from library.ledger import Claim, Ledger
 from library.metrics import RunMetrics
 from library.models import Counts, SourceObject
 from library.plan import InvalidReasons, PlannedObject, ledger_state, plan_objects
-from library.progress import LiveState, Reporter, StageTimes
+from library.progress import LiveState, Reporter
+from library.reading import ObjectReader
+from library.run_report import ObjectOutcome, RunReport, RunStats, build_report
 from library.score.ready import wait_until_ready
-from library.validate import validate_chunk
+from library.session import JobSession, database, job_session
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "RunReport", "StopSignal", "database", "run_pipeline"]
-
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -54,136 +51,6 @@ class RunOptions:
     limit: int | None = None  # at most this many objects
     reprocess: bool = False  # read objects again even if completed at this version
     migrate: bool = False  # apply pending migrations before running
-
-
-@dataclass
-class ObjectOutcome:
-    uri: str
-    status: str  # completed, failed, refused, skipped, locked
-    counts: Counts = field(default_factory=Counts)
-    error: str | None = None
-
-
-@dataclass
-class RunReport:
-    run_id: str
-    status: RunStatus
-    exit_code: int
-    counts: Counts
-    objects: list[ObjectOutcome]
-    started_at: float
-    finished_at: float
-    error: str | None = None
-    model_version: str | None = None
-    database: str | None = None  # where the data is, secrets removed
-    dry_run: bool = False
-    api_requests: int = 0
-    api_retries: int = 0
-    flushes: int = 0
-    flush_seconds: float = 0.0
-    concurrency: dict[str, Any] | None = None
-    stage_times: StageTimes | None = None
-    objects_found: int | None = None  # by the listing of SOURCE_URI; None: not listed
-    progress: dict[str, Any] | None = None  # ProgressSamples.as_dict(): the run over time
-    plan: list[PlannedObject] | None = None  # dry runs: what a real run would do
-    plan_note: str | None = None  # dry runs: why the ledger could not be checked
-    invalid_reasons: InvalidReasons | None = None  # dry runs
-
-    @property
-    def seconds(self) -> float:
-        return max(self.finished_at - self.started_at, 1e-9)
-
-    def summary(self) -> dict[str, Any]:
-        by_status: dict[str, int] = {}
-        for o in self.objects:
-            by_status[o.status] = by_status.get(o.status, 0) + 1
-        return {
-            "run_id": self.run_id,
-            "status": self.status,
-            "exit_code": self.exit_code,
-            "dry_run": self.dry_run,
-            "rows": self.counts.as_dict(),
-            "objects": by_status,
-            "seconds": round(self.seconds, 3),
-            "rows_per_second": round(self.counts.read / self.seconds, 1),
-            "model_version": self.model_version,
-            "api_requests": self.api_requests,
-            "api_retries": self.api_retries,
-            "flushes": self.flushes,
-            "flush_seconds": round(self.flush_seconds, 3),
-            "concurrency": self.concurrency,
-            "stage_times": self.stage_times.as_dict() if self.stage_times else None,
-            "objects_found": self.objects_found,
-            "progress": self.progress,
-            "error": self.error,
-            **(self._plan() if self.dry_run else {}),
-        }
-
-    def _plan(self) -> dict[str, Any]:
-        return {
-            "plan": [p.as_dict() for p in self.plan or []],
-            "plan_note": self.plan_note,
-            "invalid_reasons": self.invalid_reasons.as_list() if self.invalid_reasons else [],
-        }
-
-
-def decide(
-    error: PipelineError | None,
-    counts: Counts,
-    objects: list[ObjectOutcome],
-    with_errors_exit: int = EXIT_COMPLETED_WITH_ERRORS,
-) -> tuple[RunStatus, int, str | None]:
-    """The run's status, exit code (contract, section 5) and message.
-
-    `with_errors_exit` (COMPLETED_WITH_ERRORS_EXIT_CODE) changes only the exit code of
-    completed_with_errors: the status, and so the ledger, the metrics and the alerts, stay.
-    """
-    if error is not None:
-        status: RunStatus = "interrupted" if error.exit_code in (130, 143) else "failed"
-        return status, error.exit_code, str(error)
-    unreadable = [o for o in objects if o.status == "failed"]
-    if unreadable:
-        detail = "; ".join(str(o.error) for o in unreadable[:5])
-        return "failed", EXIT_FAILED, f"{len(unreadable)} object(s) could not be read: {detail}"
-    if counts.invalid or counts.failed or any(o.status == "refused" for o in objects):
-        return "completed_with_errors", with_errors_exit, None
-    return "completed", EXIT_COMPLETED, None
-
-
-@contextmanager
-def database(settings: Settings) -> Iterator[tuple[str, str]]:
-    """The database URL to use (given, or the embedded server) and how to show it."""
-    url = settings.database_url
-    if url:
-        yield url, redact_url(url)
-        return
-    with db.embedded_postgres(settings.EMBEDDED_DB_DIR) as embedded:
-        folder = settings.EMBEDDED_DB_DIR.expanduser().resolve()
-        log.info(
-            "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
-        )
-        # Its folder, not only its URL: the socket may live elsewhere when the path is long.
-        yield embedded, f"{embedded} (embedded, in {folder})"
-
-
-@contextmanager
-def ledger_session(
-    settings: Settings, migrate: bool, purpose: str
-) -> Iterator[tuple[Ledger, str, str]]:
-    """Database, schema check (the embedded one is migrated), and the run's ledger connection."""
-    with ExitStack() as stack:
-        url, shown = stack.enter_context(database(settings))
-        logs.add_secrets(settings.secret_values() + url_secrets(url))
-        conn = db.connect(url, f"batch-pipeline {purpose}")
-        ledger = Ledger(url, settings.DB_RETRY_TIMEOUT, conn=conn)
-        stack.callback(ledger.close)
-        with db.classified("checking the schema"):
-            if migrate or settings.database_url is None:
-                applied = db.migrate(conn)
-                if applied:
-                    log.info("applied migration(s): %s", ", ".join(m.script for m in applied))
-            db.require_schema(conn)
-        yield ledger, url, shown
 
 
 def s3_client_for(settings: Settings) -> Any | None:
@@ -229,14 +96,17 @@ def check_found(objects: list[SourceObject], settings: Settings) -> None:
 
 
 def run_pipeline(
-    settings: Settings, options: RunOptions, stop: StopSignal | None = None
+    settings: Settings,
+    options: RunOptions,
+    stop: StopSignal | None = None,
+    make_flow: FlowFactory = ScoreAndWrite.from_settings,
 ) -> RunReport:
     """Run the job once. Raises only for errors before any work (configuration, schema)."""
     require_run_settings(settings, options)
     stop = stop or StopSignal()
     if options.dry_run:
         return DryRun(settings, options, stop).execute()
-    return Run(settings, options, stop).execute()
+    return Run(settings, options, stop, make_flow).execute()
 
 
 def read_errors(exc: SourceError) -> tuple[str, str]:
@@ -246,15 +116,26 @@ def read_errors(exc: SourceError) -> tuple[str, str]:
     return "failed", str(exc)
 
 
+def reader_for(settings: Settings, s3: Any | None, live: LiveState | None = None) -> ObjectReader:
+    return ObjectReader(s3, settings.ROW_BATCH_SIZE, settings.MAX_QUOTED_FIELD_CHARS, live=live)
+
+
 class ClaimLost(Exception):
     """Raised to the reader of an object that another run has claimed since."""
 
 
 class Run:
-    def __init__(self, settings: Settings, options: RunOptions, stop: StopSignal) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        options: RunOptions,
+        stop: StopSignal,
+        make_flow: FlowFactory = ScoreAndWrite.from_settings,
+    ) -> None:
         self.settings = settings
         self.options = options
         self.stop = stop
+        self.make_flow = make_flow
         self.outcomes: list[ObjectOutcome] = []
         self.started = time.time()
         self.flow: ScoreAndWrite | None = None
@@ -276,41 +157,32 @@ class Run:
             # Failed before the run could be recorded (database unreachable, ...): say so.
             self.metrics.publish(final_status="failed")
             raise
-        self.metrics.set_counts(report.counts)
-        if report.objects_found is not None:
-            self.metrics.set_objects_found(report.objects_found)
-        for outcome in report.objects:
-            self.metrics.observe_object(outcome.status)
-        succeeded = None
-        if self.group_outcome is not None:  # a worker of a run group: the group's success
-            finished, code = self.group_outcome
-            succeeded = finished and code in (EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS)
-        self.metrics.publish(final_status=report.status, succeeded=succeeded)
+        self.metrics.publish_report(report, self.group_outcome)
         return report
 
     def _execute(self) -> RunReport:
-        with ledger_session(self.settings, self.options.migrate, "ledger") as (ledger, url, shown):
-            settings = self.settings
-            run_id = ledger.start_run(
-                datetime.now(),
-                settings.SOURCE_URI,
-                settings.redacted(),
-                settings.RUN_GROUP,
-                settings.JOB_COMPLETION_INDEX,
-            )
-            ledger.start_heartbeat()
-            group = RunGroup(ledger, settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX)
-            logs.set_run(run_id)
-            self.metrics.set_run(run_id)
+        settings = self.settings
+        with job_session(
+            settings,
+            self.started,
+            settings.SOURCE_URI,
+            migrate=self.options.migrate,
+            run_group=settings.RUN_GROUP,
+            worker_index=settings.JOB_COMPLETION_INDEX,
+        ) as session:
+            group = RunGroup(session.ledger, settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX)
+            self.metrics.set_run(session.run_id)
             log.info("Starting batch pipeline")
-            log.info("Pipeline Run ID: %s", run_id)
-            error: PipelineError | None = None
+            log.info("Pipeline Run ID: %s", session.run_id)
             if settings.RUN_GROUP is not None:
                 log.info(
-                    "Run group %s, worker %d", settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX or 0
+                    "Run group %s, worker %d",
+                    settings.RUN_GROUP,
+                    settings.JOB_COMPLETION_INDEX or 0,
                 )
+            error: PipelineError | None = None
             try:
-                self._process(ledger, group, url, run_id)
+                self._process(session, group)
             except PipelineError as exc:
                 error = exc
             except Exception as exc:  # a bug: record the run as failed all the same
@@ -318,20 +190,33 @@ class Run:
                 error = PipelineError(f"internal error: {type(exc).__name__}: {exc}")
             if error is not None and not isinstance(error, GroupStopped):
                 try:
-                    group.stop(run_id, error)
+                    group.stop(session.run_id, error)
                 except PipelineError as exc:
                     log.error("could not stop the run group: %s", exc)
-            report = self._report(run_id, error, shown)
-            finish_run(ledger, report)
+            report = session.finish(
+                self._stats(),
+                self.outcomes,
+                error,
+                objects_found=self.objects_found,
+                progress=self.reporter.samples.as_dict() if self.reporter else None,
+            )
             try:
-                self.group_outcome = group.close_if_done(run_id)
+                self.group_outcome = group.close_if_done(session.run_id)
             except PipelineError as exc:
                 log.error("could not check whether the run group is finished: %s", exc)
             return report
         raise AssertionError("unreachable")
 
-    def _process(self, ledger: Ledger, group: RunGroup, url: str, run_id: str) -> None:
-        settings = self.settings
+    def _stats(self) -> RunStats:
+        if self.flow is None:
+            return RunStats()
+        stats = self.flow.stats()
+        if stats.stage_times is not None:
+            stats.stage_times.wall = time.time() - self.started
+        return stats
+
+    def _process(self, session: JobSession, group: RunGroup) -> None:
+        settings, ledger, run_id = self.settings, session.ledger, session.run_id
         source_uri = settings.SOURCE_URI
         assert source_uri
         s3 = s3_client_for(settings)
@@ -345,13 +230,20 @@ class Run:
         self.live.bytes_total = sum(o.size or 0 for o in objects)
         log.info("Found %d object(s) under %s", len(objects), settings.SOURCE_URI)
         check_found(objects, settings)
-        flow = ScoreAndWrite(
-            settings, url, run_id, self.stop, metrics=self.metrics, on_claim_lost=ledger.mark_lost
+        flow = self.make_flow(
+            settings,
+            session.url,
+            run_id,
+            self.stop,
+            metrics=self.metrics,
+            on_claim_lost=ledger.mark_lost,
         )
         self.flow = flow
+        reader = reader_for(settings, s3, self.live)
+        reader.times = flow.times
 
         def publish_tick() -> None:
-            self.metrics.set_counts(flow.sink.run.counts)
+            self.metrics.set_counts(flow.counts)
             self.metrics.concurrency.set(flow.client.limiter.limit)
 
         # JSON logs are for a log pipeline: a live bar on stderr would be lines it cannot parse.
@@ -360,7 +252,7 @@ class Run:
             "log" if json_logs else settings.PROGRESS,
             settings.PROGRESS_INTERVAL,
             self.live,
-            lambda: flow.sink.run.counts,
+            lambda: flow.counts,
             self.metrics,
             on_tick=publish_tick,
             concurrency=lambda: flow.client.limiter.limit,
@@ -375,7 +267,12 @@ class Run:
             )
             flow.start()
             reporter.start()
-            self._feed(objects, ledger, group, run_id, s3, flow)
+            for obj, claim in group.claims(
+                objects, run_id, self.options.reprocess, self.stop.event
+            ):
+                if self.stop.is_set():
+                    break
+                self._object(obj, claim, ledger, reader, flow)
         except Stopping:
             pass
         finally:
@@ -384,140 +281,59 @@ class Run:
                 flow.finish()
             finally:
                 reporter.stop()
-        check_ratios(flow.sink.run.counts, settings, final=True)
+        Ratios.of(settings).check(flow.counts, final=True)
 
-    def _feed(
+    def _object(
         self,
-        objects: list[SourceObject],
+        obj: SourceObject,
+        claim: Claim,
         ledger: Ledger,
-        group: RunGroup,
-        run_id: str,
-        s3: Any,
+        reader: ObjectReader,
         flow: ScoreAndWrite,
     ) -> None:
-        chunk_number = 0
-        claims = group.claims(objects, run_id, self.options.reprocess, self.stop.event)
-        for obj, claim in claims:
-            if self.stop.is_set():
-                return
-            logs.set_context(obj.uri, None, "read")
-            if claim.status == "completed":
-                log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
-                self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
-                self.live.skip_object(obj.size)
-                flow.skip()
-                continue
-            if claim.status == "locked":
-                log.warning(
-                    "Skipping %s: another run (%s) is processing it",
-                    obj.uri,
-                    claim.held_by or "unknown",
-                )
-                self.outcomes.append(ObjectOutcome(obj.uri, "locked"))
-                self.live.skip_object(obj.size)
-                continue
-            if claim.status == "resume":
-                log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
-            outcome = ObjectOutcome(obj.uri, "completed")
-            self.outcomes.append(outcome)
-            flow.begin(obj, claim.checkpoint_line, claim.prior, claim.fence)
-            times = flow.times
-            try:
-                with source.open_text(obj, s3) as (text, counter):
-                    self.live.begin_object(counter, obj.size)
-                    chunks = source.read_chunks(
-                        obj,
-                        text,
-                        self.settings.ROW_BATCH_SIZE,
-                        claim.checkpoint_line,
-                        max_quoted_field_chars=self.settings.MAX_QUOTED_FIELD_CHARS,
-                    )
-                    while True:
-                        began = time.perf_counter()
-                        chunk = next(chunks, None)
-                        parsed = time.perf_counter()
-                        times.read += parsed - began
-                        if chunk is None:
-                            break
-                        if ledger.is_lost(obj):
-                            raise ClaimLost
-                        self.live.rows_read += chunk.rows_read
-                        validated = validate_chunk(chunk)
-                        validated.valid = flow.prepare(validated.valid, obj)
-                        units = list(
-                            plan_units(
-                                validated,
-                                self.settings.API_BATCH_SIZE,
-                                flow.next_seq(),
-                                chunk_number,
-                            )
-                        )
-                        times.validate += time.perf_counter() - parsed
-                        for unit in units:
-                            flow.submit(unit)
-                        chunk_number += 1
-            except Stopping:
-                raise
-            except ClaimLost:
-                outcome.status = "lost"
-                log.warning("Stopped reading %s: another run has claimed it since", obj.uri)
-            except SourceError as exc:
-                outcome.status, outcome.error = read_errors(exc)
-                log.error(
-                    "%s %s",
-                    "Refused" if outcome.status == "refused" else "Cannot read",
-                    outcome.error,
-                )
-            self.live.finish_object(obj.size)
-            flow.end(
-                obj,
-                outcome.error,
-                functools.partial(ledger.release, obj),
-                lost=outcome.status == "lost",
+        """One claimed object: skipped, or read from its checkpoint into the flow."""
+        logs.set_context(obj.uri, None, "read")
+        if claim.status == "completed":
+            log.info("Skipping %s: already completed at version %s", obj.uri, obj.version)
+            self.outcomes.append(ObjectOutcome(obj.uri, "skipped"))
+            self.live.skip_object(obj.size)
+            flow.skip()
+            return
+        if claim.status == "locked":
+            log.warning(
+                "Skipping %s: another run (%s) is processing it",
+                obj.uri,
+                claim.held_by or "unknown",
             )
-
-    def _report(self, run_id: str, error: PipelineError | None, shown: str) -> RunReport:
-        flow = self.flow
-        counts = flow.sink.run.counts if flow else Counts()
-        status, exit_code, message = decide(
-            error, counts, self.outcomes, self.settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+            self.outcomes.append(ObjectOutcome(obj.uri, "locked"))
+            self.live.skip_object(obj.size)
+            return
+        if claim.status == "resume":
+            log.info("Resuming %s after line %d", obj.uri, claim.checkpoint_line)
+        outcome = ObjectOutcome(obj.uri, "completed")
+        self.outcomes.append(outcome)
+        flow.begin(obj, claim.checkpoint_line, claim.prior, claim.fence)
+        try:
+            with closing(reader.chunks(obj, claim.checkpoint_line)) as chunks:
+                for chunk in chunks:
+                    if ledger.is_lost(obj):
+                        raise ClaimLost
+                    flow.feed(chunk)
+        except ClaimLost:
+            outcome.status = "lost"
+            log.warning("Stopped reading %s: another run has claimed it since", obj.uri)
+        except SourceError as exc:
+            outcome.status, outcome.error = read_errors(exc)
+            log.error(
+                "%s %s", "Refused" if outcome.status == "refused" else "Cannot read", outcome.error
+            )
+        self.live.finish_object(obj.size)
+        flow.end(
+            obj,
+            outcome.error,
+            functools.partial(ledger.release, obj),
+            lost=outcome.status == "lost",
         )
-        return RunReport(
-            run_id=run_id,
-            status=status,
-            exit_code=exit_code,
-            counts=counts,
-            objects=self.outcomes,
-            started_at=self.started,
-            finished_at=time.time(),
-            error=message,
-            model_version=flow.sink.run.model_version if flow else None,
-            database=shown,
-            api_requests=flow.client.stats.requests if flow else 0,
-            api_retries=flow.client.stats.retries if flow else 0,
-            flushes=flow.sink.run.flushes if flow else 0,
-            flush_seconds=flow.sink.run.flush_seconds if flow else 0.0,
-            concurrency=flow.concurrency() if flow else None,
-            stage_times=self._stage_times(),
-            objects_found=self.objects_found,
-            progress=self.reporter.samples.as_dict() if self.reporter else None,
-        )
-
-    def _stage_times(self) -> StageTimes | None:
-        if self.flow is None:
-            return None
-        times = self.flow.times
-        times.wall = time.time() - self.started
-        return times
-
-
-def finish_run(ledger: Ledger, report: RunReport) -> None:
-    try:
-        ledger.finish_run(
-            report.run_id, report.status, report.error, report.summary(), report.model_version
-        )
-    except Exception as exc:  # the report still reaches the user
-        log.error("could not record the end of run %s: %s", report.run_id, db.first_line(exc))
 
 
 class DryRun:
@@ -553,6 +369,7 @@ class DryRun:
             if note:
                 log.warning("Dry run: %s; every object is counted as to be read", note)
             plan = plan_objects(objects, state, self.options.reprocess)
+            reader = reader_for(settings, s3)
             for obj, planned in zip(objects, plan, strict=True):
                 if self.stop.is_set():
                     break
@@ -562,20 +379,13 @@ class DryRun:
                 outcome = ObjectOutcome(obj.uri, "completed")
                 outcomes.append(outcome)
                 try:
-                    with source.open_text(obj, s3) as (text, _counter):
-                        for chunk in source.read_chunks(
-                            obj,
-                            text,
-                            settings.ROW_BATCH_SIZE,
-                            planned.resume_after_line,
-                            max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
-                        ):
-                            validated = validate_chunk(chunk)
-                            reasons.add(obj.uri, validated.invalid)
+                    with closing(reader.chunks(obj, planned.resume_after_line)) as chunks:
+                        for chunk in chunks:
+                            reasons.add(obj.uri, chunk.invalid)
                             c = Counts(
-                                read=chunk.rows_read,
-                                valid=validated.valid.height,
-                                invalid=len(validated.invalid),
+                                read=chunk.rows,
+                                valid=chunk.valid.height,
+                                invalid=len(chunk.invalid),
                             )
                             outcome.counts.add(c)
                             counts.add(c)
@@ -584,21 +394,16 @@ class DryRun:
                     log.error("Cannot read %s", outcome.error)
             if self.stop.error is not None:
                 raise self.stop.error
-            check_ratios(counts, settings, final=True)
+            Ratios.of(settings).check(counts, final=True)
         except (PipelineError, ThresholdExceededError) as exc:
             error = exc
-        status, exit_code, message = decide(
-            error, counts, outcomes, settings.COMPLETED_WITH_ERRORS_EXIT_CODE
-        )
-        return RunReport(
-            run_id=run_id,
-            status=status,
-            exit_code=exit_code,
-            counts=counts,
-            objects=outcomes,
-            started_at=started,
-            finished_at=time.time(),
-            error=message,
+        return build_report(
+            run_id,
+            started,
+            RunStats(counts=counts),
+            outcomes,
+            error,
+            settings.COMPLETED_WITH_ERRORS_EXIT_CODE,
             dry_run=True,
             objects_found=found,
             plan=plan,

@@ -287,8 +287,8 @@ class Sink:
         progress.status = "failed" if error else "completed"
         progress.error = error
         self._buffer.touched[(obj.uri, obj.version)] = progress
-        self.flush()
-        del self._objects[(obj.uri, obj.version)]
+        self.flush()  # may find the claim lost, and drop the object itself
+        self._objects.pop((obj.uri, obj.version), None)
 
     def forget_object(self, obj: SourceObject) -> None:
         """The object was lost to another run: write what the fences still allow, then

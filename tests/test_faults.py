@@ -262,6 +262,37 @@ def test_a_flush_for_an_object_claimed_since_by_another_run_is_refused(
         closable.close()
 
 
+def test_a_claim_found_lost_by_the_objects_last_flush_ends_the_object_quietly(
+    database_url: str, database: Database
+) -> None:
+    """The loss can first show in the flush that ends the object (the reader had
+    already read it all): the sink drops the object there, and ending it is not an
+    error (it was a KeyError in the writer: "internal error in the writer")."""
+    from tests.test_sink import OBJ as obj
+    from tests.test_sink import scored, unit
+
+    zombie = Ledger(database_url, retry_window=5)
+    zombie_run = zombie.start_run(datetime(2026, 1, 1), "s3://b/", {})
+    claim = zombie.claim(zombie_run, obj)
+    lost: list[SourceObject] = []
+    zombie_sink = Sink(database_url, zombie_run, 1000, 5, on_claim_lost=lost.append)
+    zombie_sink.begin_object(obj, 1, None, claim.fence)
+    zombie_sink.add(unit([row(1)], line=2), scored("tx-000001"))
+    terminate_backends(database_url)
+    other = Ledger(database_url, retry_window=5)
+    other_run = other.start_run(datetime(2026, 1, 2), "s3://b/", {})
+    other.claim(other_run, obj)
+
+    zombie_sink.end_object(obj)
+    assert lost == [obj]
+    assert database.value("SELECT count(*) FROM transactions") == 0
+    assert database.rows("SELECT run_id, status FROM source_objects") == [(other_run, "processing")]
+    zombie_sink.flush()  # nothing of the object is left to write
+    assert database.value("SELECT count(*) FROM transactions") == 0
+    for closable in (zombie_sink, zombie, other):
+        closable.close()
+
+
 # -- the model killed and restarted within the outage window ------------------------
 
 

@@ -1,0 +1,68 @@
+"""One way through an object: open it, parse it from its checkpoint, validate it.
+
+`run`, `run --dry-run` and the benchmark's stages all read objects through
+`ObjectReader.chunks`, so that a row is read, numbered and judged the same way
+whatever then happens to it. The source's errors (`SourceError`: unreadable,
+undecodable, a missing column, an unterminated quote) reach the caller, which
+decides what they mean for the object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from typing import Any
+
+from library import source
+from library.models import SourceObject, ValidatedChunk
+from library.progress import LiveState, StageTimes
+from library.validate import validate_chunk
+
+
+class ObjectReader:
+    """Turns an object and its checkpoint into validated chunks, in line order.
+
+    `times` (when given) gets the reading and validating time; `live` (when given)
+    follows the bytes and rows read, for the progress display.
+    """
+
+    def __init__(
+        self,
+        s3_client: Any | None,
+        row_batch_size: int,
+        max_quoted_field_chars: int,
+        *,
+        times: StageTimes | None = None,
+        live: LiveState | None = None,
+    ) -> None:
+        self.s3_client = s3_client
+        self.row_batch_size = row_batch_size
+        self.max_quoted_field_chars = max_quoted_field_chars
+        self.times = times or StageTimes()
+        self.live = live or LiveState()
+
+    def chunks(
+        self, obj: SourceObject, resume_after_line: int = 1
+    ) -> Generator[ValidatedChunk, None, None]:
+        """The object's rows after `resume_after_line`, ROW_BATCH_SIZE rows a chunk."""
+        times, live = self.times, self.live
+        with source.open_text(obj, self.s3_client) as (text, counter):
+            live.begin_object(counter, obj.size)
+            parsed_chunks = source.read_chunks(
+                obj,
+                text,
+                self.row_batch_size,
+                resume_after_line,
+                max_quoted_field_chars=self.max_quoted_field_chars,
+            )
+            while True:
+                began = time.perf_counter()
+                chunk = next(parsed_chunks, None)
+                parsed = time.perf_counter()
+                times.read += parsed - began
+                if chunk is None:
+                    return
+                live.rows_read += chunk.rows_read
+                validated = validate_chunk(chunk)
+                times.validate += time.perf_counter() - parsed
+                yield validated
