@@ -27,7 +27,7 @@ from library.ledger import Ledger
 from library.models import Prediction, ScoreResult, WorkUnit
 from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
 from library.run import s3_client_for
-from library.score.codec import EVENT_TIME_FORMAT
+from library.score.protocol import EVENT_TIME_FORMAT
 from library.sink import FlushBuffer, PreparedFlush, Sink
 from library.validate import validate_chunk
 

@@ -62,9 +62,9 @@ from library.errors import (
     TransientApiError,
 )
 from library.models import Failure, Prediction, ScoreResult
-from library.score.codec import Codec, MalformedResponse
 from library.score.concurrency import Limiter, Outcome
 from library.score.deadline import Watchdog, pool_manager
+from library.score.protocol import Codec, MalformedResponse
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import polars as pl
 
 from library.contract import REQUIRED_COLUMNS
 from library.models import Prediction
-from library.score.codec import EVENT_TIME_FORMAT, MalformedResponse, check_score
+from library.score.protocol import EVENT_TIME_FORMAT, MalformedResponse, load_json, probability
 
 ROW_COLUMN = "_mlflow_row"  # each row's JSON array, encoded once per chunk
 
@@ -63,22 +63,6 @@ def json_row() -> pl.Expr:
         parts.append(json_value(value))
     parts.append(pl.lit("]"))
     return pl.concat_str(parts)
-
-
-def load_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        snippet = body[:80].decode("utf-8", "replace")
-        raise MalformedResponse(f"response is not JSON ({exc}): {snippet!r}", status=200) from None
-
-
-def probability(value: Any, what: str, tid: str) -> float:
-    """A probability in [0, 1], or MalformedResponse naming what and whose it is."""
-    try:
-        return check_score(value, tid)
-    except MalformedResponse as exc:
-        raise MalformedResponse(str(exc).replace("fraud_score", what, 1), status=200) from None
 
 
 class MlflowCodec:

@@ -50,8 +50,7 @@ import polars as pl
 
 from library.contract import REQUIRED_COLUMNS
 from library.models import Prediction
-from library.score.codec import EVENT_TIME_FORMAT, MalformedResponse
-from library.score.codecs_mlflow import load_json, probability
+from library.score.protocol import EVENT_TIME_FORMAT, MalformedResponse, load_json, probability
 
 OUTPUT = "predict_proba"
 EVENT_TIME_COLUMN = "_v2_event_time"
