@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import polars as pl
 
 LINE_COLUMN = "_line"
+MAX_RAW_TEXT_CHARS = 8 * 1024  # raw text kept for an invalid row
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,33 @@ class InvalidRow:
     line_number: int
     raw_text: str
     reasons: tuple[Reason, ...]
+
+
+def printable(text: str, limit: int = MAX_RAW_TEXT_CHARS, length: int | None = None) -> str:
+    """Text safe to store in PostgreSQL: undecodable bytes and NULs become U+FFFD.
+
+    `length` is the length of the whole text when `text` is only its beginning."""
+    length = len(text) if length is None else length
+    if length > limit:
+        text = text[:limit] + f"... [{length - limit} more characters]"
+    if any("\udc80" <= ch <= "\udcff" or ch == "\x00" for ch in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        text = text.replace("\x00", "\ufffd")
+    return text
+
+
+def strip_newline(text: str) -> str:
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith(("\n", "\r")):
+        return text[:-1]
+    return text
+
+
+def stored_raw_text(raw: str) -> str:
+    """A row's raw text as stored with an invalid row (by the source for the rows it cannot
+    split, by validation for the rows it rejects): no line end, safe for PostgreSQL."""
+    return printable(strip_newline(raw))
 
 
 @dataclass
