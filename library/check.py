@@ -72,7 +72,7 @@ def check_source(settings: Settings) -> CheckResult:
 
 
 def check_database(settings: Settings) -> CheckResult:
-    from library.run import database
+    from library.db import database
 
     embedded = settings.database_url is None
     try:

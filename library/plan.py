@@ -16,6 +16,7 @@ from typing import Any
 
 from library import db
 from library.config import Settings
+from library.db import database
 from library.errors import PipelineError
 from library.models import InvalidRow, SourceObject
 
@@ -67,8 +68,6 @@ def ledger_state(
     ledger could not be read."""
     if settings.database_url is None and not embedded_exists(settings):
         return {}, "no database (DATABASE_URL unset, no embedded database yet): ledger not checked"
-    from library.run import database
-
     try:
         with database(settings) as (url, shown):
             conn = db.connect(url, "batch-pipeline dry run")

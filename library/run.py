@@ -22,7 +22,8 @@ from typing import Any
 
 from library import db, logs, source
 from library.batching import plan_units
-from library.config import Settings, redact_url, url_secrets
+from library.config import Settings, url_secrets
+from library.db import database as database  # the CLI and the check import it from here
 from library.errors import (
     EXIT_COMPLETED,
     EXIT_COMPLETED_WITH_ERRORS,
@@ -148,22 +149,6 @@ def decide(
     if counts.invalid or counts.failed or any(o.status == "refused" for o in objects):
         return "completed_with_errors", with_errors_exit, None
     return "completed", EXIT_COMPLETED, None
-
-
-@contextmanager
-def database(settings: Settings) -> Iterator[tuple[str, str]]:
-    """The database URL to use (given, or the embedded server) and how to show it."""
-    url = settings.database_url
-    if url:
-        yield url, redact_url(url)
-        return
-    with db.embedded_postgres(settings.EMBEDDED_DB_DIR) as embedded:
-        folder = settings.EMBEDDED_DB_DIR.expanduser().resolve()
-        log.info(
-            "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
-        )
-        # Its folder, not only its URL: the socket may live elsewhere when the path is long.
-        yield embedded, f"{embedded} (embedded, in {folder})"
 
 
 @contextmanager
