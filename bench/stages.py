@@ -24,9 +24,10 @@ from library.batching import plan_units
 from library.config import load_settings
 from library.flow import ScoreAndWrite, StopSignal
 from library.ledger import Ledger
-from library.models import Prediction, ScoreResult, WorkUnit
+from library.models import Prediction, PreparedChunk, ScoreResult, WorkUnit
 from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
 from library.run import s3_client_for
+from library.score.client import latest_rows
 from library.score.protocol import EVENT_TIME_FORMAT
 from library.sink import FlushBuffer, PreparedFlush, Sink
 from library.validate import validate_chunk
@@ -51,10 +52,9 @@ def load_units(flow: ScoreAndWrite) -> list[WorkUnit]:
                 settings.ROW_BATCH_SIZE,
                 max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
             ):
-                validated = validate_chunk(chunk)
-                validated.valid = flow.prepare(validated.valid, obj)
+                prepared = flow.prepare(validate_chunk(chunk))
                 units.extend(
-                    plan_units(validated, settings.API_BATCH_SIZE, len(units), chunk_number)
+                    plan_units(prepared, settings.API_BATCH_SIZE, len(units), chunk_number)
                 )
                 chunk_number += 1
     return units
@@ -68,7 +68,7 @@ def score() -> dict[str, float]:
     client = flow.client
     began, cpu0 = time.perf_counter(), cpu()
     with ThreadPoolExecutor(settings.API_MAX_WORKERS) as pool:
-        results = list(pool.map(lambda u: client.score(u.transactions), units))
+        results = list(pool.map(lambda u: client.score(u.transactions, u.requests), units))
     seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu0
     scored = sum(len(r.predictions) for r in results)
     return {"rows": rows, "scored": scored, "seconds": seconds, "cpu_seconds": cpu_seconds}
@@ -167,11 +167,12 @@ def breakdown() -> dict[str, float]:
         began = time.thread_time()
         validated = validate_chunk(chunk)
         began = timed("validate", began)
-        frame = client.prepare(validated.valid)
+        requests = client.prepare(validated.valid)
         began = timed("encode_request", began)
-        validated.valid = Sink.prepare_rows(frame, chunk.obj)
+        copy_lines = Sink.prepare_copy_lines(validated.valid, chunk.obj)
         timed("prepare_copy", began)
-        units.extend(plan_units(validated, settings.API_BATCH_SIZE, len(units), number))
+        prepared = PreparedChunk(validated, requests, copy_lines)
+        units.extend(plan_units(prepared, settings.API_BATCH_SIZE, len(units), number))
     chunks.clear()
     http = urllib3.PoolManager()
     results: list[ScoreResult] = []
@@ -179,13 +180,13 @@ def breakdown() -> dict[str, float]:
         if not unit.transactions.height:
             results.append(ScoreResult())
             continue
-        batch = unit.transactions
+        batch, requests = unit.transactions, unit.requests
         began = time.thread_time()
         ids = batch.get_column("transaction_id").to_list()
         if len(set(ids)) < len(ids):  # as the client does: the latest row of an id
-            batch = batch.unique(subset=["transaction_id"], keep="last", maintain_order=True)
+            batch, requests = latest_rows(batch, requests)
             ids = batch.get_column("transaction_id").to_list()
-        body = codec.encode(batch)
+        body = codec.encode(batch, requests)
         timed("encode_request", began)
         answer = http.request(
             "POST", client.url, body=body, headers={"Content-Type": "application/json"}

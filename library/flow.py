@@ -24,14 +24,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import polars as pl
-
 from library import logs
 from library.config import Settings
 from library.errors import DatabaseError, PipelineError, ThresholdExceededError
 from library.faults import failpoint
 from library.metrics import RunMetrics
-from library.models import Counts, ScoreResult, SourceObject, WorkUnit
+from library.models import (
+    Counts,
+    PreparedChunk,
+    ScoreResult,
+    SourceObject,
+    ValidatedChunk,
+    WorkUnit,
+)
 from library.progress import StageTimes
 from library.score.client import ScoringClient
 from library.score.codec import make_codec
@@ -300,9 +305,12 @@ class ScoreAndWrite:
 
     # -- feeding, in source order ----------------------------------------------
 
-    def prepare(self, frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
+    def prepare(self, chunk: ValidatedChunk) -> PreparedChunk:
         """Chunk-wide vectorised work for the later stages, done on the reader thread."""
-        return Sink.prepare_rows(self.client.prepare(frame), obj)
+        valid = chunk.valid
+        return PreparedChunk(
+            chunk, self.client.prepare(valid), Sink.prepare_copy_lines(valid, chunk.obj)
+        )
 
     def next_seq(self) -> int:
         return self._seq
@@ -326,7 +334,7 @@ class ScoreAndWrite:
         began = time.perf_counter()
         with logs.context(unit.obj.uri, unit.seq, "score"):
             try:
-                return self.client.score(unit.transactions)
+                return self.client.score(unit.transactions, unit.requests)
             finally:
                 with self._times_lock:
                     self.times.score += time.perf_counter() - began

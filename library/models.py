@@ -1,12 +1,18 @@
 """The values that flow between the stages, in the one direction they flow.
 
     SourceObject  --source-->  RowChunk  --validate-->  ValidatedChunk
-        --batching-->  WorkUnit  --score-->  ScoredUnit  --sink-->  PostgreSQL
+        --prepare-->  PreparedChunk  --batching-->  WorkUnit  --score-->  ScoreResult
+        --sink-->  PostgreSQL
 
 Rows travel in chunks as polars DataFrames (columnar, so validation, JSON
 encoding and COPY run over whole chunks instead of row by row). Every row keeps
 the physical line of the file where it starts (`LINE_COLUMN`), its lineage and
 the checkpoint of a resumed run.
+
+What a stage prepares for a later one over a whole chunk (the codec's request
+rows, the sink's COPY lines) travels beside the transactions in named fields,
+aligned row for row, and is cut with them: never as extra columns of the
+transactions.
 """
 
 from __future__ import annotations
@@ -106,20 +112,49 @@ class ValidatedChunk:
 
 
 @dataclass
+class PreparedChunk:
+    """A validated chunk with the later stages' work done over all of it at once, on the
+    reader thread (polars over whole chunks is the speed: per batch or per row it costs
+    several times more). Row i of `requests` and `copy_lines` belongs to row i of
+    `chunk.valid`."""
+
+    chunk: ValidatedChunk
+    requests: pl.DataFrame  # the codec's request rows (Codec.prepare)
+    copy_lines: pl.Series  # each transaction's part of its COPY line (Sink.prepare_copy_lines)
+
+    def __post_init__(self) -> None:
+        check_aligned(self.chunk.valid, self.requests, self.copy_lines)
+
+
+def check_aligned(transactions: pl.DataFrame, requests: pl.DataFrame, copy_lines: pl.Series) -> None:
+    """A preparation that does not match its transactions row for row is a bug."""
+    assert requests.height == transactions.height == copy_lines.len(), (
+        f"prepared rows are not aligned: {transactions.height} transactions, "
+        f"{requests.height} request rows, {copy_lines.len()} COPY lines"
+    )
+
+
+@dataclass
 class WorkUnit:
     """One API batch and the invalid rows beside it: the unit of ordering and checkpoints.
 
     Units of an object cover consecutive line ranges; once a unit is written,
     every row of its object starting at or before `checkpoint_line` is stored.
+    `requests` and `copy_lines` are the unit's slice of its chunk's preparation.
     """
 
     obj: SourceObject
     seq: int  # position in the run; the sink writes units in this order
     transactions: pl.DataFrame
+    requests: pl.DataFrame  # what the codec prepared for these transactions, row for row
+    copy_lines: pl.Series  # what the sink prepared for these transactions, row for row
     invalid: list[InvalidRow]
     checkpoint_line: int
     chunk: int = 0  # the run's chunk number, for the per-chunk log line
     last_of_chunk: bool = True
+
+    def __post_init__(self) -> None:
+        check_aligned(self.transactions, self.requests, self.copy_lines)
 
     @property
     def rows(self) -> int:

@@ -101,8 +101,10 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
                 )
                 flow.start()
                 for number, chunk in enumerate(failed_chunks(url, run, settings.ROW_BATCH_SIZE)):
-                    chunk.valid = flow.prepare(chunk.valid, chunk.obj)
-                    for unit in plan_units(chunk, settings.API_BATCH_SIZE, flow.next_seq(), number):
+                    prepared = flow.prepare(chunk)
+                    for unit in plan_units(
+                        prepared, settings.API_BATCH_SIZE, flow.next_seq(), number
+                    ):
                         flow.submit(unit)
             except Stopping:
                 pass

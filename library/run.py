@@ -428,10 +428,9 @@ class Run:
                             raise ClaimLost
                         self.live.rows_read += chunk.rows_read
                         validated = validate_chunk(chunk)
-                        validated.valid = flow.prepare(validated.valid, obj)
                         units = list(
                             plan_units(
-                                validated,
+                                flow.prepare(validated),
                                 self.settings.API_BATCH_SIZE,
                                 flow.next_seq(),
                                 chunk_number,

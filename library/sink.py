@@ -137,7 +137,7 @@ WITH latest AS (
 """
 
 STAGE_ROWS = f"stage_rows ({', '.join(TRANSACTION_COLUMNS + OUTCOME_COLUMNS)})"
-COPY_LINE = "_copy"
+COPY_LINE = "copy_line"  # the name of the series `prepare_copy_lines` gives
 COPY_DATETIME = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
 
 ObjectStatus = Literal["processing", "completed", "failed"]
@@ -223,12 +223,13 @@ class Sink:
     # -- preparing, on the reader thread ------------------------------------------
 
     @staticmethod
-    def prepare_rows(frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
-        """Add each row's COPY line (its transaction part): formatted once per chunk by
-        polars on the reader thread, so that the writer only joins strings (polars calls
-        made by the writer would queue behind the reader's on polars' shared pool)."""
+    def prepare_copy_lines(frame: pl.DataFrame, obj: SourceObject) -> pl.Series:
+        """Each row's COPY line (its transaction part), aligned with `frame`: formatted once
+        per chunk by polars on the reader thread, so that the writer only joins strings
+        (polars calls made by the writer would queue behind the reader's on polars' shared
+        pool). It travels to the flush in `WorkUnit.copy_lines`."""
         if frame.height == 0:
-            return frame.with_columns(pl.lit("").alias(COPY_LINE))
+            return pl.Series(COPY_LINE, [], dtype=pl.String)
         line = pl.concat_str(
             [
                 pl.col("transaction_id"),
@@ -247,7 +248,7 @@ class Sink:
             ],
             separator=",",
         )
-        return frame.with_columns(line.alias(COPY_LINE))
+        return frame.select(line.alias(COPY_LINE)).to_series()
 
     # -- input, in source order ------------------------------------------------
 
@@ -465,13 +466,11 @@ class PreparedFlush:
             tx = unit.transactions
             if tx.height:
                 # Each row's transaction part was made on the reader thread
-                # (Sink.prepare_rows); here it only gets its outcome appended.
-                if COPY_LINE not in tx.columns:
-                    tx = Sink.prepare_rows(tx, unit.obj)
+                # (Sink.prepare_copy_lines); here it only gets its outcome appended.
                 outcome = {o.transaction_id: outcome_of(o) for o in result.predictions}
                 outcome.update((f.transaction_id, outcome_of(f)) for f in result.failures)
                 ids = tx.get_column("transaction_id").to_list()
-                copy_lines = tx.get_column(COPY_LINE).to_list()
+                copy_lines = unit.copy_lines.to_list()
                 lines.extend(
                     f"{line},{outcome[i]}" for line, i in zip(copy_lines, ids, strict=True)
                 )

@@ -20,7 +20,7 @@ from library.score.protocol import EVENT_TIME_FORMAT, Codec, MalformedResponse, 
 if TYPE_CHECKING:
     from library.config import Settings
 
-PAYLOAD_COLUMN = "_payload"  # each row's request JSON, encoded once per chunk
+PAYLOAD_COLUMN = "payload"  # the request rows' one column: each row's JSON object
 
 
 def contract_records() -> pl.Expr:
@@ -45,13 +45,11 @@ class NativeCodec:
     predict_path = "/predict"
     health_path = "/health"
 
-    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
-        return chunk.with_columns(contract_records().alias(PAYLOAD_COLUMN))
+    def prepare(self, transactions: pl.DataFrame) -> pl.DataFrame:
+        return transactions.select(contract_records().alias(PAYLOAD_COLUMN))
 
-    def encode(self, batch: pl.DataFrame) -> bytes:
-        if PAYLOAD_COLUMN not in batch.columns:
-            batch = self.prepare(batch)
-        rows = batch.get_column(PAYLOAD_COLUMN).to_list()
+    def encode(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> bytes:
+        rows = requests.get_column(PAYLOAD_COLUMN).to_list()
         return ('{"transactions":[' + ",".join(rows) + "]}").encode()
 
     def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]:

@@ -30,11 +30,15 @@ class Codec(Protocol):
     predict_path: str
     health_path: str
 
-    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
-        """Vectorised work for a whole chunk, done once before it is cut into batches."""
+    def prepare(self, transactions: pl.DataFrame) -> pl.DataFrame:
+        """The requests' rows, aligned with `transactions` (row i prepares row i): the
+        vectorised work of a whole chunk, done once before it is cut into batches.
+        Whatever cuts the transactions cuts these rows alike (`WorkUnit`, bisection)."""
         ...
 
-    def encode(self, batch: pl.DataFrame) -> bytes: ...
+    def encode(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> bytes:
+        """One request body: `requests` is `prepare`'s output for exactly these rows."""
+        ...
 
     def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]: ...
 
