@@ -7,6 +7,7 @@ and a circle hidden in a function is still a circle."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -99,3 +100,21 @@ def test_the_stages_stand_apart() -> None:
     for codec in ("library.score.codecs_mlflow", "library.score.codecs_v2"):
         assert graph[codec] & {"library.score.codec", "library.score.client"} == set()
         assert "library.score.protocol" in graph[codec]
+
+
+LEDGER_TABLES = ("source_objects", "run_objects", "pipeline_runs")
+WRITES = re.compile(
+    r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(" + "|".join(LEDGER_TABLES) + r")\b",
+    re.IGNORECASE,
+)
+
+
+def test_only_the_ledger_writes_its_tables() -> None:
+    """The sink's flush asks the ledger for its part (`ledger.flush_statement`)."""
+    writers = {
+        module_name(path): sorted(set(WRITES.findall(path.read_text())))
+        for path in sorted(LIBRARY.rglob("*.py"))
+        if path.name != "ledger.py"
+    }
+    assert {m: tables for m, tables in writers.items() if tables} == {}
+    assert set(WRITES.findall((LIBRARY / "ledger.py").read_text())) == set(LEDGER_TABLES)
