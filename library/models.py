@@ -199,12 +199,6 @@ class ScoreResult:
     requests: int = 0
     retries: int = 0
 
-    def merge(self, other: ScoreResult) -> None:
-        self.predictions.extend(other.predictions)
-        self.failures.extend(other.failures)
-        self.requests += other.requests
-        self.retries += other.retries
-
 
 @dataclass
 class Counts:
