@@ -24,11 +24,11 @@ from library.batching import plan_units
 from library.config import Settings, load_settings
 from library.flow import make_client, prepare_units
 from library.ledger import Ledger
-from library.models import Prediction, ScoreResult, WorkUnit
+from library.models import Prediction, PreparedChunk, ScoreResult, WorkUnit
 from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
 from library.run import reader_for, s3_client_for
-from library.score.client import ScoringClient
-from library.score.codec import EVENT_TIME_FORMAT
+from library.score.client import ScoringClient, latest_rows
+from library.score.protocol import EVENT_TIME_FORMAT
 from library.sink import FlushBuffer, PreparedFlush, Sink
 from library.validate import validate_chunk
 
@@ -60,7 +60,7 @@ def score() -> dict[str, float]:
     rows = sum(u.transactions.height for u in units)
     began, cpu0 = time.perf_counter(), cpu()
     with ThreadPoolExecutor(settings.API_MAX_WORKERS) as pool:
-        results = list(pool.map(lambda u: client.score(u.transactions), units))
+        results = list(pool.map(lambda u: client.score(u.transactions, u.requests), units))
     seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu0
     scored = sum(len(r.predictions) for r in results)
     return {"rows": rows, "scored": scored, "seconds": seconds, "cpu_seconds": cpu_seconds}
@@ -158,11 +158,12 @@ def breakdown() -> dict[str, float]:
         began = time.thread_time()
         validated = validate_chunk(chunk)
         began = timed("validate", began)
-        frame = client.prepare(validated.valid)
+        requests = client.prepare(validated.valid)
         began = timed("encode_request", began)
-        validated.valid = Sink.prepare_rows(frame, chunk.obj)
+        copy_lines = Sink.prepare_copy_lines(validated.valid, chunk.obj)
         timed("prepare_copy", began)
-        units.extend(plan_units(validated, settings.API_BATCH_SIZE, len(units), number))
+        prepared = PreparedChunk(validated, requests, copy_lines)
+        units.extend(plan_units(prepared, settings.API_BATCH_SIZE, len(units), number))
     chunks.clear()
     http = urllib3.PoolManager()
     results: list[ScoreResult] = []
@@ -170,13 +171,13 @@ def breakdown() -> dict[str, float]:
         if not unit.transactions.height:
             results.append(ScoreResult())
             continue
-        batch = unit.transactions
+        batch, requests = unit.transactions, unit.requests
         began = time.thread_time()
         ids = batch.get_column("transaction_id").to_list()
         if len(set(ids)) < len(ids):  # as the client does: the latest row of an id
-            batch = batch.unique(subset=["transaction_id"], keep="last", maintain_order=True)
+            batch, requests = latest_rows(batch, requests)
             ids = batch.get_column("transaction_id").to_list()
-        body = codec.encode(batch)
+        body = codec.encode(batch, requests)
         timed("encode_request", began)
         answer = http.request(
             "POST", client.url, body=body, headers={"Content-Type": "application/json"}

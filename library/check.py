@@ -72,7 +72,7 @@ def check_source(settings: Settings) -> CheckResult:
 
 
 def check_database(settings: Settings) -> CheckResult:
-    from library.session import database
+    from library.db import database
 
     embedded = settings.database_url is None
     try:
@@ -131,7 +131,7 @@ def check_model(settings: Settings) -> CheckResult:
         client.close()
     obj = SourceObject("batch-pipeline-check", "1")
     [chunk] = source.read_chunks(obj, io.StringIO(TEST_ROW_CSV), 10)
-    batch = codec.prepare(validate_chunk(chunk).valid)
+    batch = validate_chunk(chunk).valid
     base, basic_auth = split_credentials(settings.ML_API_URL)
     url = base.rstrip("/") + codec.predict_path
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -143,7 +143,7 @@ def check_model(settings: Settings) -> CheckResult:
         response = urllib3.request(
             "POST",
             url,
-            body=codec.encode(batch),
+            body=codec.encode(batch, codec.prepare(batch)),
             headers=headers,
             timeout=settings.API_TIMEOUT,
             retries=False,

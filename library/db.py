@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 import tenacity
@@ -32,6 +32,9 @@ from psycopg import errors as pg_errors
 
 from library.config import redact_url, scrub, url_secrets
 from library.errors import DatabaseError, SchemaNotReadyError, TransientDatabaseError
+
+if TYPE_CHECKING:
+    from library.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -371,3 +374,19 @@ def embedded_postgres(folder: Path) -> Iterator[str]:
             "set DATABASE_URL to use your own PostgreSQL"
         ) from None
     yield server.get_uri()
+
+
+@contextmanager
+def database(settings: Settings) -> Iterator[tuple[str, str]]:
+    """The database URL to use (given, or the embedded server) and how to show it."""
+    url = settings.database_url
+    if url:
+        yield url, redact_url(url)
+        return
+    with embedded_postgres(settings.EMBEDDED_DB_DIR) as embedded:
+        folder = settings.EMBEDDED_DB_DIR.expanduser().resolve()
+        log.info(
+            "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
+        )
+        # Its folder, not only its URL: the socket may live elsewhere when the path is long.
+        yield embedded, f"{embedded} (embedded, in {folder})"

@@ -31,7 +31,14 @@ from library.config import Settings
 from library.errors import DatabaseError, PipelineError, ThresholdExceededError
 from library.faults import failpoint
 from library.metrics import RunMetrics
-from library.models import Counts, ScoreResult, SourceObject, ValidatedChunk, WorkUnit
+from library.models import (
+    Counts,
+    PreparedChunk,
+    ScoreResult,
+    SourceObject,
+    ValidatedChunk,
+    WorkUnit,
+)
 from library.progress import StageTimes
 from library.run_report import RunStats
 from library.score.client import ScoringClient
@@ -265,10 +272,14 @@ def prepare_units(
 ) -> list[WorkUnit]:
     """A validated chunk prepared for the later stages and cut into work units.
 
-    The chunk-wide vectorised work (request rows, COPY lines) is done here, once
-    per chunk rather than once per batch."""
-    chunk.valid = sink.prepare_rows(client.prepare(chunk.valid), chunk.obj)
-    return list(plan_units(chunk, api_batch_size, first_seq, chunk_number))
+    The chunk-wide vectorised work (the codec's request rows, the sink's COPY lines)
+    is done here, once per chunk rather than once per batch; each unit carries its
+    slice of both (WorkUnit.requests, WorkUnit.copy_lines)."""
+    valid = chunk.valid
+    prepared = PreparedChunk(
+        chunk, client.prepare(valid), sink.prepare_copy_lines(valid, chunk.obj)
+    )
+    return list(plan_units(prepared, api_batch_size, first_seq, chunk_number))
 
 
 def queue_size_for(workers: int) -> int:
@@ -408,7 +419,7 @@ class ScoreAndWrite:
         began = time.perf_counter()
         with logs.context(unit.obj.uri, unit.seq, "score"):
             try:
-                return self.client.score(unit.transactions)
+                return self.client.score(unit.transactions, unit.requests)
             finally:
                 with self._times_lock:
                     self.times.score += time.perf_counter() - began

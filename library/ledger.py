@@ -443,13 +443,16 @@ class Ledger:
         return int(row[0]) if row else 0
 
 
-# -- written by the sink, as parts of its flush statement ------------------------
+# -- a flush's part: checkpoints, counts and the fence --------------------------
 #
+# The sink writes its data tables and the ledger's progress in one statement (one
+# round trip per flush): `flush_statement` puts the sink's data-modifying CTEs in
+# front of the ledger's, and `flush_params` gives the values of the ledger's part.
 # Each flush sets (never increments) the counts, in the same statement as the rows
 # they count: a flush retried after a lost connection writes the same values again.
 
 # A CTE: each touched object's checkpoint, counts (earlier runs' included) and status.
-OBJECT_PROGRESS = """
+_OBJECT_PROGRESS = """
 object_progress AS (
     UPDATE source_objects s SET checkpoint_line = o.checkpoint_line,
         rows_read = o.rows_read, rows_valid = o.rows_valid, rows_invalid = o.rows_invalid,
@@ -468,7 +471,7 @@ object_progress AS (
 )"""
 
 # A CTE: this run's own share of each touched object (a resumed object is shared).
-RUN_OBJECTS = """
+_RUN_OBJECTS = """
 run_object_progress AS (
     INSERT INTO run_objects (run_id, source_uri, source_version, status, rows_read,
         rows_valid, rows_invalid, rows_scored, rows_failed)
@@ -486,7 +489,7 @@ run_object_progress AS (
 )"""
 
 # The statement's main part: the run's counts.
-RUN_PROGRESS = """
+_RUN_PROGRESS = """
 UPDATE pipeline_runs SET rows_read = %(read)s, rows_valid = %(valid)s,
     rows_invalid = %(invalid_count)s, rows_scored = %(scored)s, rows_failed = %(failed)s,
     objects_done = %(objects_done)s, objects_failed = %(objects_failed)s,
@@ -499,7 +502,7 @@ WHERE run_id = %(run_id)s
 
 
 # Which objects of a refused flush another run has claimed since (their fence moved on).
-LOST_CLAIMS = """
+_LOST_CLAIMS = """
 SELECT o.source_uri, o.source_version, s.run_id
 FROM jsonb_to_recordset(%(objects)s::jsonb) AS o(
     source_uri text, source_version text, claim_fence bigint)
@@ -507,37 +510,98 @@ JOIN source_objects s USING (source_uri, source_version)
 WHERE s.claim_fence <> o.claim_fence"""
 
 
-def object_progress_json(
-    obj: SourceObject,
-    checkpoint_line: int,
-    counts: Counts,
-    status: str,
-    error: str | None,
-    fence: int,
-) -> dict[str, Any]:
+def flush_statement(data_ctes: str) -> str:
+    """One statement for a whole flush: `data_ctes` (the caller's data-modifying CTEs,
+    `name AS (...), ...`, with no WITH) first, then the ledger's part, which writes
+    each touched object's checkpoint and counts behind its fence, the run's share of
+    each, and the run's counts. A fence that moved on makes the statement fail with
+    SQLSTATE BPF01 (`batch_pipeline_claim_lost`, sql/V4), refusing the flush whole."""
+    return (
+        f"\nWITH {data_ctes.strip()}, {_OBJECT_PROGRESS.strip()}, {_RUN_OBJECTS.strip()}\n"
+        f"{_RUN_PROGRESS.strip()}\n"
+    )
+
+
+@dataclass(frozen=True)
+class ObjectFlush:
+    """What a flush records of one touched object."""
+
+    obj: SourceObject
+    checkpoint_line: int
+    counts: Counts  # the object's rows so far, earlier runs' included
+    run_counts: Counts  # this run's share
+    status: str
+    error: str | None
+    fence: int  # the claim the flush is made under
+
+
+@dataclass(frozen=True)
+class RunFlush:
+    """What a flush records of the run: its totals once the flush is in."""
+
+    counts: Counts
+    objects_done: int
+    objects_failed: int
+    objects_skipped: int
+    model_version: str | None
+
+
+def flush_params(run_id: str, objects: list[ObjectFlush], run: RunFlush) -> dict[str, Any]:
+    """The values of the ledger's part of `flush_statement`."""
     return {
-        "claim_fence": fence,
-        "source_uri": obj.uri,
-        "source_version": obj.version,
-        "checkpoint_line": checkpoint_line,
-        "rows_read": counts.read,
-        "rows_valid": counts.valid,
-        "rows_invalid": counts.invalid,
-        "rows_scored": counts.scored,
-        "rows_failed": counts.failed,
-        "status": status,
-        "error": error,
+        "run_id": run_id,
+        "objects": orjson.dumps([_object_progress_json(o) for o in objects]).decode(),
+        "objects_expected": len(objects),
+        "run_objects": orjson.dumps([_run_object_json(o) for o in objects]).decode(),
+        "read": run.counts.read,
+        "valid": run.counts.valid,
+        "invalid_count": run.counts.invalid,
+        "scored": run.counts.scored,
+        "failed": run.counts.failed,
+        "objects_done": run.objects_done,
+        "objects_failed": run.objects_failed,
+        "objects_skipped": run.objects_skipped,
+        "model_version": run.model_version,
     }
 
 
-def run_object_json(obj: SourceObject, counts: Counts, status: str) -> dict[str, Any]:
+def lost_claims(
+    conn: psycopg.Connection[Any], claims: list[tuple[SourceObject, int]]
+) -> list[tuple[str, str, str | None]]:
+    """Of (object, fence) pairs a refused flush was made under, those another run has
+    claimed since: (uri, version, the run holding it now)."""
+    fences = [
+        {"source_uri": obj.uri, "source_version": obj.version, "claim_fence": fence}
+        for obj, fence in claims
+    ]
+    rows = conn.execute(_LOST_CLAIMS, {"objects": orjson.dumps(fences).decode()}).fetchall()
+    return [(uri, version, holder) for uri, version, holder in rows]
+
+
+def _object_progress_json(o: ObjectFlush) -> dict[str, Any]:
     return {
-        "source_uri": obj.uri,
-        "source_version": obj.version,
-        "status": status,
-        "rows_read": counts.read,
-        "rows_valid": counts.valid,
-        "rows_invalid": counts.invalid,
-        "rows_scored": counts.scored,
-        "rows_failed": counts.failed,
+        "claim_fence": o.fence,
+        "source_uri": o.obj.uri,
+        "source_version": o.obj.version,
+        "checkpoint_line": o.checkpoint_line,
+        "rows_read": o.counts.read,
+        "rows_valid": o.counts.valid,
+        "rows_invalid": o.counts.invalid,
+        "rows_scored": o.counts.scored,
+        "rows_failed": o.counts.failed,
+        "status": o.status,
+        "error": o.error,
+    }
+
+
+def _run_object_json(o: ObjectFlush) -> dict[str, Any]:
+    return {
+        "source_uri": o.obj.uri,
+        "source_version": o.obj.version,
+        "status": o.status,
+        "rows_read": o.run_counts.read,
+        "rows_valid": o.run_counts.valid,
+        "rows_invalid": o.run_counts.invalid,
+        "rows_scored": o.run_counts.scored,
+        "rows_failed": o.run_counts.failed,
     }

@@ -32,7 +32,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import pushadd_to_gateway, write_to_textfile
@@ -40,9 +39,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from library.errors import EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS
 from library.models import Counts
-
-if TYPE_CHECKING:
-    from library.run_report import RunReport
 
 log = logging.getLogger(__name__)
 
@@ -169,19 +165,26 @@ class RunMetrics:
 
     # -- publishing --------------------------------------------------------------
 
-    def publish_report(self, report: RunReport, group_outcome: tuple[bool, int] | None) -> None:
+    def publish_final(
+        self,
+        status: str,
+        counts: Counts,
+        objects_found: int | None,
+        object_statuses: list[str],
+        group_outcome: tuple[bool, int] | None,
+    ) -> None:
         """The run's final figures, pushed once. A worker of a run group reports the
         group's success (`group_outcome`: finished by this worker, the group's code)."""
-        self.set_counts(report.counts)
-        if report.objects_found is not None:
-            self.set_objects_found(report.objects_found)
-        for outcome in report.objects:
-            self.observe_object(outcome.status)
+        self.set_counts(counts)
+        if objects_found is not None:
+            self.set_objects_found(objects_found)
+        for object_status in object_statuses:
+            self.observe_object(object_status)
         succeeded = None
         if group_outcome is not None:
             finished, code = group_outcome
             succeeded = finished and code in (EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS)
-        self.publish(final_status=report.status, succeeded=succeeded)
+        self.publish(final_status=status, succeeded=succeeded)
 
     def publish(self, final_status: str | None = None, succeeded: bool | None = None) -> None:
         """Push and/or write the metrics; at the end, with the run's final status.

@@ -1,12 +1,18 @@
 """The values that flow between the stages, in the one direction they flow.
 
     SourceObject  --source-->  RowChunk  --validate-->  ValidatedChunk
-        --batching-->  WorkUnit  --score-->  ScoredUnit  --sink-->  PostgreSQL
+        --prepare-->  PreparedChunk  --batching-->  WorkUnit  --score-->  ScoreResult
+        --sink-->  PostgreSQL
 
 Rows travel in chunks as polars DataFrames (columnar, so validation, JSON
 encoding and COPY run over whole chunks instead of row by row). Every row keeps
 the physical line of the file where it starts (`LINE_COLUMN`), its lineage and
 the checkpoint of a resumed run.
+
+What a stage prepares for a later one over a whole chunk (the codec's request
+rows, the sink's COPY lines) travels beside the transactions in named fields,
+aligned row for row, and is cut with them: never as extra columns of the
+transactions.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, NamedTuple
 import polars as pl
 
 LINE_COLUMN = "_line"
+MAX_RAW_TEXT_CHARS = 8 * 1024  # raw text kept for an invalid row
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,33 @@ class InvalidRow:
     reasons: tuple[Reason, ...]
 
 
+def printable(text: str, limit: int = MAX_RAW_TEXT_CHARS, length: int | None = None) -> str:
+    """Text safe to store in PostgreSQL: undecodable bytes and NULs become U+FFFD.
+
+    `length` is the length of the whole text when `text` is only its beginning."""
+    length = len(text) if length is None else length
+    if length > limit:
+        text = text[:limit] + f"... [{length - limit} more characters]"
+    if any("\udc80" <= ch <= "\udcff" or ch == "\x00" for ch in text):
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        text = text.replace("\x00", "\ufffd")
+    return text
+
+
+def strip_newline(text: str) -> str:
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith(("\n", "\r")):
+        return text[:-1]
+    return text
+
+
+def stored_raw_text(raw: str) -> str:
+    """A row's raw text as stored with an invalid row (by the source for the rows it cannot
+    split, by validation for the rows it rejects): no line end, safe for PostgreSQL."""
+    return printable(strip_newline(raw))
+
+
 @dataclass
 class RowChunk:
     """Up to ROW_BATCH_SIZE parsed rows of one object, still as text."""
@@ -82,20 +116,49 @@ class ValidatedChunk:
 
 
 @dataclass
+class PreparedChunk:
+    """A validated chunk with the later stages' work done over all of it at once, on the
+    reader thread (polars over whole chunks is the speed: per batch or per row it costs
+    several times more). Row i of `requests` and `copy_lines` belongs to row i of
+    `chunk.valid`."""
+
+    chunk: ValidatedChunk
+    requests: pl.DataFrame  # the codec's request rows (Codec.prepare)
+    copy_lines: pl.Series  # each transaction's part of its COPY line (Sink.prepare_copy_lines)
+
+    def __post_init__(self) -> None:
+        check_aligned(self.chunk.valid, self.requests, self.copy_lines)
+
+
+def check_aligned(transactions: pl.DataFrame, requests: pl.DataFrame, copy_lines: pl.Series) -> None:
+    """A preparation that does not match its transactions row for row is a bug."""
+    assert requests.height == transactions.height == copy_lines.len(), (
+        f"prepared rows are not aligned: {transactions.height} transactions, "
+        f"{requests.height} request rows, {copy_lines.len()} COPY lines"
+    )
+
+
+@dataclass
 class WorkUnit:
     """One API batch and the invalid rows beside it: the unit of ordering and checkpoints.
 
     Units of an object cover consecutive line ranges; once a unit is written,
     every row of its object starting at or before `checkpoint_line` is stored.
+    `requests` and `copy_lines` are the unit's slice of its chunk's preparation.
     """
 
     obj: SourceObject
     seq: int  # position in the run; the sink writes units in this order
     transactions: pl.DataFrame
+    requests: pl.DataFrame  # what the codec prepared for these transactions, row for row
+    copy_lines: pl.Series  # what the sink prepared for these transactions, row for row
     invalid: list[InvalidRow]
     checkpoint_line: int
     chunk: int = 0  # the run's chunk number, for the per-chunk log line
     last_of_chunk: bool = True
+
+    def __post_init__(self) -> None:
+        check_aligned(self.transactions, self.requests, self.copy_lines)
 
     @property
     def rows(self) -> int:
@@ -139,12 +202,6 @@ class ScoreResult:
     failures: list[Failure] = field(default_factory=list)
     requests: int = 0
     retries: int = 0
-
-    def merge(self, other: ScoreResult) -> None:
-        self.predictions.extend(other.predictions)
-        self.failures.extend(other.failures)
-        self.requests += other.requests
-        self.retries += other.retries
 
 
 @dataclass

@@ -16,9 +16,9 @@ from typing import Any
 
 from library import db
 from library.config import Settings
+from library.db import database
 from library.errors import PipelineError
 from library.models import InvalidRow, SourceObject
-from library.session import database
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from library import logs, source
 from library.config import Settings
+from library.db import database
 from library.errors import (
     ConfigError,
     MissingColumnsError,
@@ -39,11 +40,12 @@ from library.progress import LiveState, Reporter
 from library.reading import ObjectReader
 from library.run_report import ObjectOutcome, RunReport, RunStats, build_report
 from library.score.ready import wait_until_ready
-from library.session import JobSession, database, job_session
+from library.session import JobSession, job_session
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "RunReport", "StopSignal", "database", "run_pipeline"]
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -157,7 +159,13 @@ class Run:
             # Failed before the run could be recorded (database unreachable, ...): say so.
             self.metrics.publish(final_status="failed")
             raise
-        self.metrics.publish_report(report, self.group_outcome)
+        self.metrics.publish_final(
+            report.status,
+            report.counts,
+            report.objects_found,
+            [o.status for o in report.objects],
+            self.group_outcome,
+        )
         return report
 
     def _execute(self) -> RunReport:

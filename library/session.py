@@ -17,28 +17,13 @@ from datetime import datetime
 from typing import Any
 
 from library import db, logs
-from library.config import Settings, redact_url, url_secrets
+from library.config import Settings, url_secrets
+from library.db import database
 from library.errors import PipelineError
 from library.ledger import Ledger
 from library.run_report import ObjectOutcome, RunReport, RunStats, build_report
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def database(settings: Settings) -> Iterator[tuple[str, str]]:
-    """The database URL to use (given, or the embedded server) and how to show it."""
-    url = settings.database_url
-    if url:
-        yield url, redact_url(url)
-        return
-    with db.embedded_postgres(settings.EMBEDDED_DB_DIR) as embedded:
-        folder = settings.EMBEDDED_DB_DIR.expanduser().resolve()
-        log.info(
-            "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
-        )
-        # Its folder, not only its URL: the socket may live elsewhere when the path is long.
-        yield embedded, f"{embedded} (embedded, in {folder})"
 
 
 @dataclass

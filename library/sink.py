@@ -69,8 +69,9 @@ CREATE TEMP TABLE IF NOT EXISTS stage_rows (
 """
 
 _DATA = TRANSACTION_COLUMNS[1:]
-FLUSH_STATEMENT = f"""
-WITH latest AS (
+# The data tables' part of a flush; the ledger adds its own (`ledger.flush_statement`).
+DATA_CTES = f"""
+latest AS (
     SELECT DISTINCT ON (transaction_id) * FROM stage_rows ORDER BY transaction_id, seq DESC
 ), upsert_transactions AS (
     -- Rows identical to the stored ones are left alone: ON CONFLICT DO UPDATE would
@@ -132,12 +133,11 @@ WITH latest AS (
     ON CONFLICT (source_uri, source_version, line_number) DO UPDATE SET run_id = EXCLUDED.run_id
     WHERE invalid_rows.run_id IS DISTINCT FROM EXCLUDED.run_id
     RETURNING 1
-), {ledger.OBJECT_PROGRESS.strip()}, {ledger.RUN_OBJECTS.strip()}
-{ledger.RUN_PROGRESS.strip()}
-"""
+)"""
+FLUSH_STATEMENT = ledger.flush_statement(DATA_CTES)
 
 STAGE_ROWS = f"stage_rows ({', '.join(TRANSACTION_COLUMNS + OUTCOME_COLUMNS)})"
-COPY_LINE = "_copy"
+COPY_LINE = "copy_line"  # the name of the series `prepare_copy_lines` gives
 COPY_DATETIME = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
 
 ObjectStatus = Literal["processing", "completed", "failed"]
@@ -223,12 +223,13 @@ class Sink:
     # -- preparing, on the reader thread ------------------------------------------
 
     @staticmethod
-    def prepare_rows(frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
-        """Add each row's COPY line (its transaction part): formatted once per chunk by
-        polars on the reader thread, so that the writer only joins strings (polars calls
-        made by the writer would queue behind the reader's on polars' shared pool)."""
+    def prepare_copy_lines(frame: pl.DataFrame, obj: SourceObject) -> pl.Series:
+        """Each row's COPY line (its transaction part), aligned with `frame`: formatted once
+        per chunk by polars on the reader thread, so that the writer only joins strings
+        (polars calls made by the writer would queue behind the reader's on polars' shared
+        pool). It travels to the flush in `WorkUnit.copy_lines`."""
         if frame.height == 0:
-            return frame.with_columns(pl.lit("").alias(COPY_LINE))
+            return pl.Series(COPY_LINE, [], dtype=pl.String)
         line = pl.concat_str(
             [
                 pl.col("transaction_id"),
@@ -247,7 +248,7 @@ class Sink:
             ],
             separator=",",
         )
-        return frame.with_columns(line.alias(COPY_LINE))
+        return frame.select(line.alias(COPY_LINE)).to_series()
 
     # -- input, in source order ------------------------------------------------
 
@@ -328,15 +329,10 @@ class Sink:
 
     def _forget_lost_objects(self, batch: PreparedFlush) -> None:
         """A flush was refused by a fence: drop the objects another run claimed since."""
-        fences = [
-            {"source_uri": p.obj.uri, "source_version": p.obj.version, "claim_fence": p.fence}
-            for p, _delta in batch.objects
-        ]
+        claims = [(p.obj, p.fence) for p, _delta in batch.objects]
         lost = self.db.run(
             "finding the objects claimed by another run",
-            lambda conn: conn.execute(
-                ledger.LOST_CLAIMS, {"objects": orjson.dumps(fences).decode()}
-            ).fetchall(),
+            lambda conn: ledger.lost_claims(conn, claims),
         )
         if not lost:
             raise DatabaseError("a flush was refused by its fence, but every claim still holds")
@@ -360,40 +356,28 @@ class Sink:
                 self.on_claim_lost(progress.obj)
 
     def _params(self, batch: PreparedFlush) -> dict[str, Any]:
-        total = plus(self.run.counts, batch.counts)
-        objects = []
-        run_objects = []
-        for progress, delta in batch.objects:
-            objects.append(
-                ledger.object_progress_json(
-                    progress.obj,
-                    progress.checkpoint_line,
-                    plus(progress.counts, delta),
-                    progress.status,
-                    progress.error,
-                    progress.fence,
-                )
+        objects = [
+            ledger.ObjectFlush(
+                progress.obj,
+                progress.checkpoint_line,
+                plus(progress.counts, delta),
+                plus(progress.run_counts, delta),
+                progress.status,
+                progress.error,
+                progress.fence,
             )
-            run_objects.append(
-                ledger.run_object_json(
-                    progress.obj, plus(progress.run_counts, delta), progress.status
-                )
-            )
+            for progress, delta in batch.objects
+        ]
+        run = ledger.RunFlush(
+            plus(self.run.counts, batch.counts),
+            self.run.objects_done + batch.objects_completed,
+            self.run.objects_failed + batch.objects_failed,
+            self.run.objects_skipped,
+            batch.model_version,
+        )
         return {
-            "run_id": self.run_id,
+            **ledger.flush_params(self.run_id, objects, run),
             "invalid": orjson.dumps(batch.invalid).decode(),
-            "objects": orjson.dumps(objects).decode(),
-            "objects_expected": len(objects),
-            "run_objects": orjson.dumps(run_objects).decode(),
-            "read": total.read,
-            "valid": total.valid,
-            "invalid_count": total.invalid,
-            "scored": total.scored,
-            "failed": total.failed,
-            "objects_done": self.run.objects_done + batch.objects_completed,
-            "objects_failed": self.run.objects_failed + batch.objects_failed,
-            "objects_skipped": self.run.objects_skipped,
-            "model_version": batch.model_version,
         }
 
     def _write(self, conn: psycopg.Connection[Any], batch: PreparedFlush) -> None:
@@ -465,13 +449,11 @@ class PreparedFlush:
             tx = unit.transactions
             if tx.height:
                 # Each row's transaction part was made on the reader thread
-                # (Sink.prepare_rows); here it only gets its outcome appended.
-                if COPY_LINE not in tx.columns:
-                    tx = Sink.prepare_rows(tx, unit.obj)
+                # (Sink.prepare_copy_lines); here it only gets its outcome appended.
                 outcome = {o.transaction_id: outcome_of(o) for o in result.predictions}
                 outcome.update((f.transaction_id, outcome_of(f)) for f in result.failures)
                 ids = tx.get_column("transaction_id").to_list()
-                copy_lines = tx.get_column(COPY_LINE).to_list()
+                copy_lines = unit.copy_lines.to_list()
                 lines.extend(
                     f"{line},{outcome[i]}" for line, i in zip(copy_lines, ids, strict=True)
                 )

@@ -41,14 +41,23 @@ import polars as pl
 from library.config import DEFAULT_MAX_QUOTED_FIELD_CHARS
 from library.contract import REQUIRED_COLUMNS
 from library.errors import MissingColumnsError, SourceError, UnterminatedQuoteError
-from library.models import LINE_COLUMN, InvalidRow, Reason, RowChunk, SourceObject
+from library.models import (
+    LINE_COLUMN,
+    MAX_RAW_TEXT_CHARS,
+    InvalidRow,
+    Reason,
+    RowChunk,
+    SourceObject,
+    printable,
+    stored_raw_text,
+    strip_newline,
+)
 
 log = logging.getLogger(__name__)
 
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.zst")
 COMPRESSION_SUFFIXES = (".gz", ".zst")
 MAX_ROW_CHARS = 128 * 1024  # a longer row is an invalid row, not a memory hazard
-MAX_RAW_TEXT_CHARS = 8 * 1024  # raw text kept for an invalid row
 LINE_PIECE_CHARS = 64 * 1024  # lines are read in pieces of at most this many characters
 ROW_REASON = "_row"
 
@@ -288,27 +297,6 @@ def open_text(obj: SourceObject, s3_client: Any | None) -> Iterator[tuple[IO[str
 # -- parsing -------------------------------------------------------------------
 
 
-def printable(text: str, limit: int = MAX_RAW_TEXT_CHARS, length: int | None = None) -> str:
-    """Text safe to store in PostgreSQL: undecodable bytes and NULs become U+FFFD.
-
-    `length` is the length of the whole text when `text` is only its beginning."""
-    length = len(text) if length is None else length
-    if length > limit:
-        text = text[:limit] + f"... [{length - limit} more characters]"
-    if any("\udc80" <= ch <= "\udcff" or ch == "\x00" for ch in text):
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        text = text.replace("\x00", "\ufffd")
-    return text
-
-
-def _strip_newline(text: str) -> str:
-    if text.endswith("\r\n"):
-        return text[:-2]
-    if text.endswith(("\n", "\r")):
-        return text[:-1]
-    return text
-
-
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
@@ -409,7 +397,7 @@ class LongRow:
             f"row of {self.chars} characters{lines if self.last_line > self.first_line else ''}"
             f" is longer than the limit of {self.limit}"
         )
-        raw = printable(_strip_newline(self.head), length=self.chars)
+        raw = printable(strip_newline(self.head), length=self.chars)
         return InvalidRow(self.first_line, raw, (Reason(ROW_REASON, reason),))
 
 
@@ -941,8 +929,3 @@ def _chunk(obj: SourceObject, index: int, rows: _Gathered, columns: HeaderMap) -
     malformed.sort(key=lambda r: r.line_number)  # both parsers' malformed rows, in line order
     raw = frame.get_column(RAW_COLUMN)
     return RowChunk(obj, index, frame.drop(RAW_COLUMN), raw, malformed, rows.last_line)
-
-
-def stored_raw_text(raw: str) -> str:
-    """A row's raw text as stored with an invalid row: no line end, safe for PostgreSQL."""
-    return printable(_strip_newline(raw))

@@ -15,8 +15,14 @@ import polars as pl
 from pydantic import ValidationError
 
 from library import contract
-from library.models import LINE_COLUMN, InvalidRow, Reason, RowChunk, ValidatedChunk
-from library.source import stored_raw_text
+from library.models import (
+    LINE_COLUMN,
+    InvalidRow,
+    Reason,
+    RowChunk,
+    ValidatedChunk,
+    stored_raw_text,
+)
 
 log = logging.getLogger(__name__)
 

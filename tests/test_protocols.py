@@ -23,9 +23,9 @@ import urllib3
 
 from library.contract import REQUIRED_COLUMNS
 from library.models import Prediction, RowChunk, SourceObject
-from library.score.codec import Codec, MalformedResponse
 from library.score.codecs_mlflow import ROW_COLUMN, MlflowCodec
 from library.score.codecs_v2 import V2Codec
+from library.score.protocol import Codec, MalformedResponse
 from library.validate import validate_chunk
 from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli
 from tests.helpers.data import row, rows, to_csv
@@ -81,7 +81,7 @@ def test_mlflow_request_is_dataframe_split_of_the_contract_columns_in_their_type
         ]
     )
     codec = MlflowCodec("v1", 0.5)
-    body = orjson.loads(codec.encode(codec.prepare(frame)))
+    body = orjson.loads(codec.encode(frame, codec.prepare(frame)))
     assert list(body) == ["dataframe_split"]
     split = body["dataframe_split"]
     assert split["columns"] == list(REQUIRED_COLUMNS)
@@ -93,14 +93,17 @@ def test_mlflow_request_is_dataframe_split_of_the_contract_columns_in_their_type
     assert first["card_present"] is True
     assert second["event_time"] == "2026-01-02T01:04:05.123Z"  # UTC, ISO 8601
     assert second["amount"] == 7.0 and second["card_present"] is False
-    # An unprepared batch (retry-failed, a test) encodes the same.
-    assert codec.encode(frame) == codec.encode(codec.prepare(frame))
+    # The request rows are the codec's own frame, beside the transactions, which keep
+    # their columns.
+    assert codec.prepare(frame).columns == [ROW_COLUMN]
+    assert frame.columns == typed([row(1)]).columns
 
 
 @pytest.mark.parametrize("codec", [MlflowCodec("v1", 0.5), V2Codec("fraud", None, 0.5)])
 def test_any_text_is_sent_as_valid_json(codec: Codec) -> None:
     odd = 'Café "Ünï", Ltd.\ttab\x01 \u2028 😀 back\\slash'
-    body = orjson.loads(codec.encode(codec.prepare(typed([row(1, merchant_id=odd)]))))
+    frame = typed([row(1, merchant_id=odd)])
+    body = orjson.loads(codec.encode(frame, codec.prepare(frame)))
     sent = (
         body["dataframe_split"]["data"][0][3]
         if "dataframe_split" in body
@@ -111,10 +114,11 @@ def test_any_text_is_sent_as_valid_json(codec: Codec) -> None:
 
 def test_mlflow_prepared_rows_survive_slicing_for_bisection() -> None:
     codec = MlflowCodec("v1", 0.5)
-    prepared = codec.prepare(typed(rows(10)))
-    half = orjson.loads(codec.encode(prepared.slice(5, 5)))["dataframe_split"]["data"]
+    frame = typed(rows(10))
+    requests = codec.prepare(frame)
+    body = codec.encode(frame.slice(5, 5), requests.slice(5, 5))
+    half = orjson.loads(body)["dataframe_split"]["data"]
     assert [r[0] for r in half] == [f"tx-{i:06d}" for i in range(5, 10)]
-    assert ROW_COLUMN in prepared.columns
 
 
 @pytest.mark.parametrize(
@@ -193,7 +197,7 @@ def test_v2_paths() -> None:
 def test_v2_request_has_one_typed_input_per_contract_column() -> None:
     frame = typed([row(1, amount="42.10", card_present="true"), row(2, card_present="false")])
     codec = V2Codec("fraud", None, 0.5)
-    body = orjson.loads(codec.encode(codec.prepare(frame)))
+    body = orjson.loads(codec.encode(frame, codec.prepare(frame)))
     assert body["parameters"] == {"content_type": "pd"}
     assert body["outputs"] == [{"name": "predict_proba"}]
     assert body["id"] == "tx-000001#2"
@@ -208,7 +212,7 @@ def test_v2_request_has_one_typed_input_per_contract_column() -> None:
     assert inputs["card_present"]["data"] == [True, False]
     assert inputs["event_time"]["data"] == ["2026-01-02T01:01:00Z", "2026-01-03T02:02:00Z"]
     assert inputs["transaction_id"]["data"] == ["tx-000001", "tx-000002"]
-    assert codec.encode(frame) == codec.encode(codec.prepare(frame))
+    assert codec.prepare(frame).columns == ["event_time", "amount"]
 
 
 def test_v2_answers_map_to_ids_by_position_with_the_servers_version() -> None:
@@ -307,10 +311,12 @@ def _fake_v2(body: bytes) -> bytes:
 )
 def test_round_trip_keeps_every_row_with_its_own_score(codec: Codec, server: Any) -> None:
     records = [row(i, amount=f"{i * 7 % 1000}.25") for i in range(100)]
-    prepared = codec.prepare(typed(records))
-    for batch in (prepared, prepared.slice(13, 50), prepared.slice(99, 1)):
+    frame = typed(records)
+    requests = codec.prepare(frame)
+    for start, length in ((0, 100), (13, 50), (99, 1)):
+        batch = frame.slice(start, length)
         ids = batch.get_column("transaction_id").to_list()
-        got = codec.decode(server(codec.encode(batch)), ids)
+        got = codec.decode(server(codec.encode(batch, requests.slice(start, length))), ids)
         assert [p.transaction_id for p in got] == ids
         expected = [float(a) / 1000 for a in batch.get_column("amount").to_list()]
         assert [p.fraud_score for p in got] == pytest.approx(expected)
@@ -431,7 +437,7 @@ def post_batch(
     return http.request(
         "POST",
         srv.url + codec.predict_path,
-        body=codec.encode(codec.prepare(frame)),
+        body=codec.encode(frame, codec.prepare(frame)),
         headers={"Content-Type": "application/json"},
     )
 

@@ -78,7 +78,8 @@ def test_the_row_schema_is_the_validators() -> None:
 def test_what_the_job_sends_and_the_reference_model_answers_fit_the_schemas() -> None:
     obj = SourceObject("s3://b/in/a.csv", "1")
     [chunk] = read_chunks(obj, io.StringIO(to_csv([*rows(5), row(9, card_present="0")])), 100)
-    body = NativeCodec().encode(validate_chunk(chunk).valid)
+    valid = validate_chunk(chunk).valid
+    body = NativeCodec().encode(valid, NativeCodec().prepare(valid))
     request = PredictRequest.model_validate_json(body)
     assert len(request.transactions) == 6 and request.transactions[-1].card_present is False
     response = PredictResponse.model_validate(predict(body))

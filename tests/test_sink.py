@@ -20,6 +20,7 @@ from library.models import (
     SourceObject,
     WorkUnit,
 )
+from library.score.codec import NativeCodec
 from library.sink import Sink
 from library.validate import validate_chunk
 from tests.conftest import Database
@@ -40,7 +41,16 @@ def unit(
     invalid: list[InvalidRow] | None = None,
     line: int = 10,
 ) -> WorkUnit:
-    return WorkUnit(OBJ, seq, valid(records), invalid or [], line)
+    transactions = valid(records)
+    return WorkUnit(
+        OBJ,
+        seq,
+        transactions,
+        NativeCodec().prepare(transactions),
+        Sink.prepare_copy_lines(transactions, OBJ),
+        invalid or [],
+        line,
+    )
 
 
 def scored(*ids: str, version: str = "v1", score: float = 0.25) -> ScoreResult:

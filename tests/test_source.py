@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from library import source
+from library import models, source
 from library.config import DEFAULT_MAX_QUOTED_FIELD_CHARS
 from library.errors import MissingColumnsError, SourceError, UnterminatedQuoteError
 from library.models import LINE_COLUMN, SourceObject
@@ -111,8 +111,8 @@ def test_an_oversized_field_is_an_invalid_row_and_reading_goes_on() -> None:
     assert bad == [
         (
             3,
-            line[: source.MAX_RAW_TEXT_CHARS]
-            + f"... [{len(line) - source.MAX_RAW_TEXT_CHARS} more characters]",
+            line[: models.MAX_RAW_TEXT_CHARS]
+            + f"... [{len(line) - models.MAX_RAW_TEXT_CHARS} more characters]",
             f"row of {len(line)} characters is longer than the limit of {source.MAX_ROW_CHARS}",
         )
     ]
@@ -163,7 +163,7 @@ def test_a_10mb_quoted_field_with_newlines_within_the_limit_is_one_invalid_row()
             f" is longer than the limit of {source.MAX_ROW_CHARS}",
         )
     ]
-    assert bad[0][1].startswith(long_row[:100]) and len(bad[0][1]) < source.MAX_RAW_TEXT_CHARS + 50
+    assert bad[0][1].startswith(long_row[:100]) and len(bad[0][1]) < models.MAX_RAW_TEXT_CHARS + 50
 
 
 def test_a_quoted_field_open_past_the_limit_fails_the_object_naming_its_line() -> None:
@@ -447,7 +447,7 @@ def chunks_of(text: str, vectorised: bool, **options: int) -> list[tuple[object,
                     chunk.index,
                     chunk.last_line,
                     chunk.frame.to_dicts(),
-                    [source.stored_raw_text(raw) for raw in chunk.raw_text],
+                    [models.stored_raw_text(raw) for raw in chunk.raw_text],
                     [(m.line_number, m.raw_text, m.reasons) for m in chunk.malformed],
                 )
             )
@@ -496,4 +496,4 @@ def test_the_vectorised_parser_takes_plain_lines_and_leaves_the_rest() -> None:
     [chunk] = source.read_chunks(OBJ, text_io, 100)
     assert chunk.frame[LINE_COLUMN].to_list() == [2, 3, 5, 6]
     assert chunk.frame["account_id"][1] == 'acc "x"\ny'
-    assert source.stored_raw_text(chunk.raw_text[2]) == text.splitlines()[4]
+    assert models.stored_raw_text(chunk.raw_text[2]) == text.splitlines()[4]

@@ -62,9 +62,9 @@ from library.errors import (
     TransientApiError,
 )
 from library.models import Failure, Prediction, ScoreResult
-from library.score.codec import Codec, MalformedResponse
 from library.score.concurrency import Limiter, Outcome
 from library.score.deadline import Watchdog, pool_manager
+from library.score.protocol import Codec, MalformedResponse
 
 log = logging.getLogger(__name__)
 
@@ -269,22 +269,31 @@ class ScoringClient:
 
     # -- scoring ---------------------------------------------------------------
 
-    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
-        """Encode a whole chunk's requests at once (see Codec.prepare)."""
-        return self.codec.prepare(chunk)
+    def prepare(self, transactions: pl.DataFrame) -> pl.DataFrame:
+        """A whole chunk's request rows at once (see Codec.prepare)."""
+        return self.codec.prepare(transactions)
 
-    def score(self, batch: pl.DataFrame) -> ScoreResult:
-        """Score one batch; every transaction ends predicted or failed."""
-        ids = batch.get_column("transaction_id").to_list()
+    def score(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> ScoreResult:
+        """Score one batch (`requests`: `prepare`'s rows for exactly these transactions);
+        every transaction ends predicted or failed."""
+        ids = transactions.get_column("transaction_id").to_list()
         if len(set(ids)) < len(ids):
             # The same id twice in one request would be ambiguous: send the latest row.
-            batch = batch.unique(subset=["transaction_id"], keep="last", maintain_order=True)
+            transactions, requests = latest_rows(transactions, requests)
         result = ScoreResult()
-        self._score_into(batch, result)
+        self._score_into(transactions, requests, result)
         return result
 
-    def _score_into(self, batch: pl.DataFrame, result: ScoreResult, retry: bool = True) -> None:
-        ids = batch.get_column("transaction_id").to_list()
+    def _score_into(
+        self,
+        transactions: pl.DataFrame,
+        requests: pl.DataFrame,
+        result: ScoreResult,
+        retry: bool = True,
+    ) -> None:
+        """Score with retries; a rejected batch (or a 500 that outlasts them) is split in
+        halves, its transactions and their request rows alike."""
+        ids = transactions.get_column("transaction_id").to_list()
         attempts = 0
         tally = _Attempts()
 
@@ -310,29 +319,29 @@ class ScoringClient:
                             self.stats.on_retry()
                         result.retries += 1
                     result.requests += 1
-                    result.predictions.extend(self._post(batch, ids))
+                    result.predictions.extend(self._post(transactions, requests, ids))
         except RejectedBatchError as exc:
             if len(ids) == 1:
                 result.failures.append(Failure(ids[0], str(exc), exc.status, attempts))
                 return
-            middle = len(ids) // 2
-            self._score_into(batch.slice(0, middle), result, retry)
-            self._score_into(batch.slice(middle), result, retry)
+            for half in halves(transactions, requests):
+                self._score_into(*half, result, retry)
         except TransientApiError as exc:
             if self._stop.is_set():
                 raise ScoringStopped(self._stop_reason or str(exc)) from None
             if exc.status == 500 and len(ids) > 1:
-                middle = len(ids) // 2
-                self._score_into(batch.slice(0, middle), result, retry=False)
-                self._score_into(batch.slice(middle), result, retry=False)
+                for half in halves(transactions, requests):
+                    self._score_into(*half, result, retry=False)
                 return
             reason = f"ML API failed after {attempts} attempts: {exc}"
             result.failures.extend(Failure(tid, reason, exc.status, attempts) for tid in ids)
 
-    def _post(self, batch: pl.DataFrame, ids: list[str]) -> list[Prediction]:
+    def _post(
+        self, transactions: pl.DataFrame, requests: pl.DataFrame, ids: list[str]
+    ) -> list[Prediction]:
         if self._stop.is_set():
             raise ScoringStopped(self._stop_reason or "scoring stopped")
-        body = self.codec.encode(batch)
+        body = self.codec.encode(transactions, requests)
         with self.limiter.slot() as report:
             if self._stop.is_set():
                 raise ScoringStopped(self._stop_reason or "scoring stopped")
@@ -457,6 +466,25 @@ class ScoringClient:
             exc,
             delay,
         )
+
+
+def latest_rows(
+    transactions: pl.DataFrame, requests: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The last row of each transaction id, in order, with its request row."""
+    keep = transactions.get_column("transaction_id").is_last_distinct()
+    return transactions.filter(keep), requests.filter(keep)
+
+
+def halves(
+    transactions: pl.DataFrame, requests: pl.DataFrame
+) -> tuple[tuple[pl.DataFrame, pl.DataFrame], tuple[pl.DataFrame, pl.DataFrame]]:
+    """A batch cut in two, the request rows with their transactions."""
+    middle = transactions.height // 2
+    return (
+        (transactions.slice(0, middle), requests.slice(0, middle)),
+        (transactions.slice(middle), requests.slice(middle)),
+    )
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:

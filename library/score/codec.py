@@ -1,45 +1,26 @@
-"""Codecs: a batch of transactions -> request body, response body -> predictions.
+"""The contract's own protocol (`NativeCodec`), and `make_codec`, the codec of a setting.
 
-One small codec per protocol. Everything else about scoring (pooling, retries,
-bisection, concurrency) lives once in `library.score.client`. A codec raises
-`MalformedResponse` for any answer that does not account for every transaction
-sent exactly once with a score in [0, 1]: the contract makes that a failure of
-the whole request, never a partial write.
+One small codec per protocol (this one, `codecs_mlflow`, `codecs_v2`), each
+standing on `library.score.protocol`. Everything else about scoring (pooling,
+retries, bisection, concurrency) lives once in `library.score.client`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import orjson
 import polars as pl
 
-from library.errors import TransientApiError
 from library.models import Prediction
+from library.score.codecs_mlflow import MlflowCodec
+from library.score.codecs_v2 import V2Codec
+from library.score.protocol import EVENT_TIME_FORMAT, Codec, MalformedResponse, check_score
 
 if TYPE_CHECKING:
     from library.config import Settings
 
-EVENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
-PAYLOAD_COLUMN = "_payload"  # each row's request JSON, encoded once per chunk
-
-
-class MalformedResponse(TransientApiError):
-    """The answer does not match the request; retried like a transient failure."""
-
-
-class Codec(Protocol):
-    predict_path: str
-    health_path: str
-
-    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
-        """Vectorised work for a whole chunk, done once before it is cut into batches."""
-        ...
-
-    def encode(self, batch: pl.DataFrame) -> bytes: ...
-
-    def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]: ...
+PAYLOAD_COLUMN = "payload"  # the request rows' one column: each row's JSON object
 
 
 def contract_records() -> pl.Expr:
@@ -58,28 +39,17 @@ def contract_records() -> pl.Expr:
     ).struct.json_encode()
 
 
-def check_score(value: Any, tid: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise MalformedResponse(f"fraud_score of {tid} is not a number", status=200)
-    score = float(value)
-    if not math.isfinite(score) or not 0.0 <= score <= 1.0:
-        raise MalformedResponse(f"fraud_score of {tid} is outside [0, 1]: {value}", status=200)
-    return score
-
-
 class NativeCodec:
     """The contract's protocol: POST /predict {"transactions": [...]}."""
 
     predict_path = "/predict"
     health_path = "/health"
 
-    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
-        return chunk.with_columns(contract_records().alias(PAYLOAD_COLUMN))
+    def prepare(self, transactions: pl.DataFrame) -> pl.DataFrame:
+        return transactions.select(contract_records().alias(PAYLOAD_COLUMN))
 
-    def encode(self, batch: pl.DataFrame) -> bytes:
-        if PAYLOAD_COLUMN not in batch.columns:
-            batch = self.prepare(batch)
-        rows = batch.get_column(PAYLOAD_COLUMN).to_list()
+    def encode(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> bytes:
+        rows = requests.get_column(PAYLOAD_COLUMN).to_list()
         return ('{"transactions":[' + ",".join(rows) + "]}").encode()
 
     def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]:
@@ -127,14 +97,10 @@ class NativeCodec:
 def make_codec(settings: Settings) -> Codec:
     """The codec of ML_API_PROTOCOL."""
     if settings.ML_API_PROTOCOL == "mlflow":
-        from library.score.codecs_mlflow import MlflowCodec
-
         assert settings.MODEL_VERSION  # enforced by Settings
         mlflow: Codec = MlflowCodec(settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
         return mlflow
     if settings.ML_API_PROTOCOL == "v2":
-        from library.score.codecs_v2 import V2Codec
-
         assert settings.MODEL_NAME  # enforced by Settings
         v2: Codec = V2Codec(settings.MODEL_NAME, settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
         return v2

@@ -34,9 +34,9 @@ import polars as pl
 
 from library.contract import REQUIRED_COLUMNS
 from library.models import Prediction
-from library.score.codec import EVENT_TIME_FORMAT, MalformedResponse, check_score
+from library.score.protocol import EVENT_TIME_FORMAT, MalformedResponse, load_json, probability
 
-ROW_COLUMN = "_mlflow_row"  # each row's JSON array, encoded once per chunk
+ROW_COLUMN = "row"  # the request rows' one column: each row's JSON array
 
 
 def contract_values() -> list[pl.Expr]:
@@ -65,22 +65,6 @@ def json_row() -> pl.Expr:
     return pl.concat_str(parts)
 
 
-def load_json(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        snippet = body[:80].decode("utf-8", "replace")
-        raise MalformedResponse(f"response is not JSON ({exc}): {snippet!r}", status=200) from None
-
-
-def probability(value: Any, what: str, tid: str) -> float:
-    """A probability in [0, 1], or MalformedResponse naming what and whose it is."""
-    try:
-        return check_score(value, tid)
-    except MalformedResponse as exc:
-        raise MalformedResponse(str(exc).replace("fraud_score", what, 1), status=200) from None
-
-
 class MlflowCodec:
     """`mlflow models serve`: POST /invocations with `dataframe_split`; GET /ping."""
 
@@ -97,13 +81,11 @@ class MlflowCodec:
         columns = orjson.dumps(list(REQUIRED_COLUMNS)).decode()
         self._head = '{"dataframe_split":{"columns":' + columns + ',"data":['
 
-    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
-        return chunk.with_columns(json_row().alias(ROW_COLUMN))
+    def prepare(self, transactions: pl.DataFrame) -> pl.DataFrame:
+        return transactions.select(json_row().alias(ROW_COLUMN))
 
-    def encode(self, batch: pl.DataFrame) -> bytes:
-        if ROW_COLUMN not in batch.columns:
-            batch = self.prepare(batch)
-        rows = batch.get_column(ROW_COLUMN).to_list()
+    def encode(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> bytes:
+        rows = requests.get_column(ROW_COLUMN).to_list()
         return (self._head + ",".join(rows) + "]}}").encode()
 
     def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]:

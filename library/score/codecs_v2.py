@@ -50,16 +50,14 @@ import polars as pl
 
 from library.contract import REQUIRED_COLUMNS
 from library.models import Prediction
-from library.score.codec import EVENT_TIME_FORMAT, MalformedResponse
-from library.score.codecs_mlflow import load_json, probability
+from library.score.protocol import EVENT_TIME_FORMAT, MalformedResponse, load_json, probability
 
 OUTPUT = "predict_proba"
-EVENT_TIME_COLUMN = "_v2_event_time"
-AMOUNT_COLUMN = "_v2_amount"
 DATATYPES = {"amount": "FP64", "card_present": "BOOL"}  # every other column: BYTES
-SOURCES = {"event_time": EVENT_TIME_COLUMN, "amount": AMOUNT_COLUMN}  # prepared columns
-INPUTS: tuple[tuple[str, str, str], ...] = tuple(
-    (name, SOURCES.get(name, name), DATATYPES.get(name, "BYTES")) for name in REQUIRED_COLUMNS
+PREPARED = ("event_time", "amount")  # typed by `prepare` (the request rows); the rest as read
+# (name, datatype, whether it comes from the request rows rather than the transactions)
+INPUTS: tuple[tuple[str, str, bool], ...] = tuple(
+    (name, DATATYPES.get(name, "BYTES"), name in PREPARED) for name in REQUIRED_COLUMNS
 )
 
 
@@ -83,25 +81,25 @@ class V2Codec:
         self.predict_path = path + "/infer"
         self.health_path = path + "/ready"
 
-    def prepare(self, chunk: pl.DataFrame) -> pl.DataFrame:
-        return chunk.with_columns(
-            pl.col("event_time").dt.strftime(EVENT_TIME_FORMAT).alias(EVENT_TIME_COLUMN),
-            pl.col("amount").cast(pl.Float64).alias(AMOUNT_COLUMN),
+    def prepare(self, transactions: pl.DataFrame) -> pl.DataFrame:
+        return transactions.select(
+            pl.col("event_time").dt.strftime(EVENT_TIME_FORMAT),
+            pl.col("amount").cast(pl.Float64),
         )
 
-    def encode(self, batch: pl.DataFrame) -> bytes:
-        if EVENT_TIME_COLUMN not in batch.columns or AMOUNT_COLUMN not in batch.columns:
-            batch = self.prepare(batch)
-        shape = [batch.height]
-        ids: list[str] = batch.get_column("transaction_id").to_list()
+    def encode(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> bytes:
+        shape = [transactions.height]
+        ids: list[str] = transactions.get_column("transaction_id").to_list()
         inputs = [
             {
                 "name": name,
                 "shape": shape,
                 "datatype": datatype,
-                "data": ids if source == "transaction_id" else batch.get_column(source).to_list(),
+                "data": ids
+                if name == "transaction_id"
+                else (requests if prepared else transactions).get_column(name).to_list(),
             }
-            for name, source, datatype in INPUTS
+            for name, datatype, prepared in INPUTS
         ]
         return orjson.dumps(
             {

@@ -46,7 +46,7 @@ class FakeClient:
     def check_ready(self) -> None:
         pass
 
-    def score(self, batch: pl.DataFrame) -> ScoreResult:
+    def score(self, batch: pl.DataFrame, requests: pl.DataFrame | None = None) -> ScoreResult:
         ids = batch.get_column("transaction_id").to_list()
         time.sleep(self.delay(ids))
         if self.fail_on in ids and self.fail_with is not None:
@@ -86,8 +86,8 @@ class FakeSink:
         self.closed = False
 
     @staticmethod
-    def prepare_rows(frame: pl.DataFrame, obj: SourceObject) -> pl.DataFrame:
-        return frame
+    def prepare_copy_lines(frame: pl.DataFrame, obj: SourceObject) -> pl.Series:
+        return pl.Series("copy_lines", [""] * frame.height, dtype=pl.String)
 
     def begin_object(self, obj: SourceObject, checkpoint: int, prior: Any, fence: int) -> None:
         self.events.append(("begin", obj.uri))
