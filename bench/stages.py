@@ -39,22 +39,22 @@ def cpu() -> float:
 
 def load_units(flow: ScoreAndWrite) -> list[WorkUnit]:
     settings = flow.settings
-    assert settings.SOURCE_URI
-    s3 = s3_client_for(settings)
+    assert settings.source.uri
+    s3 = s3_client_for(settings.source)
     units: list[WorkUnit] = []
     chunk_number = 0
-    for obj in source.list_objects(settings.SOURCE_URI, s3):
+    for obj in source.list_objects(settings.source.uri, s3):
         with source.open_text(obj, s3) as (text, _):
             for chunk in source.read_chunks(
                 obj,
                 text,
-                settings.ROW_BATCH_SIZE,
-                max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
+                settings.source.row_batch_size,
+                max_quoted_field_chars=settings.source.max_quoted_field_chars,
             ):
                 validated = validate_chunk(chunk)
                 validated.valid = flow.prepare(validated.valid, obj)
                 units.extend(
-                    plan_units(validated, settings.API_BATCH_SIZE, len(units), chunk_number)
+                    plan_units(validated, settings.scoring.batch_size, len(units), chunk_number)
                 )
                 chunk_number += 1
     return units
@@ -67,7 +67,7 @@ def score() -> dict[str, float]:
     rows = sum(u.transactions.height for u in units)
     client = flow.client
     began, cpu0 = time.perf_counter(), cpu()
-    with ThreadPoolExecutor(settings.API_MAX_WORKERS) as pool:
+    with ThreadPoolExecutor(settings.scoring.max_workers) as pool:
         results = list(pool.map(lambda u: client.score(u.transactions), units))
     seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu0
     scored = sum(len(r.predictions) for r in results)
@@ -101,9 +101,9 @@ def write() -> dict[str, float]:
     units = load_units(flow)
     results = [local_scores(u) for u in units]
     rows = sum(u.rows for u in units)
-    ledger = Ledger(url, settings.DB_RETRY_TIMEOUT)
-    run_id = ledger.start_run(datetime.now(), settings.SOURCE_URI, {})
-    sink = Sink(url, run_id, settings.DB_ROW_BATCH_SIZE, settings.DB_RETRY_TIMEOUT)
+    ledger = Ledger(url, settings.sink.retry_timeout)
+    run_id = ledger.start_run(datetime.now(), settings.source.uri, {})
+    sink = Sink(url, run_id, settings.sink.row_batch_size, settings.sink.retry_timeout)
     began, cpu0 = time.perf_counter(), cpu()
     current = None
     for unit, result in zip(units, results, strict=True):
@@ -137,10 +137,10 @@ def breakdown() -> dict[str, float]:
     import urllib3
 
     settings = load_settings()
-    assert settings.SOURCE_URI
+    assert settings.source.uri
     flow = ScoreAndWrite(settings, settings.database_url or "", "bench", StopSignal())
     client, codec = flow.client, flow.client.codec
-    s3 = s3_client_for(settings)
+    s3 = s3_client_for(settings.source)
     spent = dict.fromkeys(("read", "validate", "encode_request", "decode_response", "prepare_copy"), 0.0)
 
     def timed(name: str, began: float) -> float:
@@ -149,10 +149,10 @@ def breakdown() -> dict[str, float]:
         return now
 
     chunks = []
-    for obj in source.list_objects(settings.SOURCE_URI, s3):
+    for obj in source.list_objects(settings.source.uri, s3):
         with source.open_text(obj, s3) as (text, _):
             reader = source.read_chunks(
-                obj, text, settings.ROW_BATCH_SIZE, max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS
+                obj, text, settings.source.row_batch_size, max_quoted_field_chars=settings.source.max_quoted_field_chars
             )
             while True:
                 began = time.thread_time()
@@ -171,7 +171,7 @@ def breakdown() -> dict[str, float]:
         began = timed("encode_request", began)
         validated.valid = Sink.prepare_rows(frame, chunk.obj)
         timed("prepare_copy", began)
-        units.extend(plan_units(validated, settings.API_BATCH_SIZE, len(units), number))
+        units.extend(plan_units(validated, settings.scoring.batch_size, len(units), number))
     chunks.clear()
     http = urllib3.PoolManager()
     results: list[ScoreResult] = []
@@ -197,7 +197,7 @@ def breakdown() -> dict[str, float]:
     for unit, result in zip(units, results, strict=True):
         buffer.units.append((unit, result))
         buffer.rows += unit.rows
-        if buffer.rows >= settings.DB_ROW_BATCH_SIZE:
+        if buffer.rows >= settings.sink.row_batch_size:
             began = time.thread_time()
             PreparedFlush.build(buffer, None)
             timed("prepare_copy", began)

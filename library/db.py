@@ -30,7 +30,13 @@ import psycopg
 import tenacity
 from psycopg import errors as pg_errors
 
-from library.config import redact_url, scrub, url_secrets
+from library.config import (
+    DEFAULT_DB_RETRY_FIRST_DELAY,
+    DEFAULT_DB_RETRY_MAX_DELAY,
+    redact_url,
+    scrub,
+    url_secrets,
+)
 from library.errors import DatabaseError, SchemaNotReadyError, TransientDatabaseError
 
 log = logging.getLogger(__name__)
@@ -65,8 +71,6 @@ KEEPALIVES: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 60_000,  # ms: unacknowledged data for this long breaks the connection
 }
-RETRY_FIRST_DELAY = 0.5  # seconds; doubles with full jitter
-RETRY_MAX_DELAY = 10.0
 
 
 class ClaimLostError(DatabaseError):
@@ -156,7 +160,9 @@ def with_retries(
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientDatabaseError),
         stop=tenacity.stop_after_delay(window),
-        wait=tenacity.wait_random_exponential(multiplier=RETRY_FIRST_DELAY, max=RETRY_MAX_DELAY),
+        wait=tenacity.wait_random_exponential(
+            multiplier=DEFAULT_DB_RETRY_FIRST_DELAY, max=DEFAULT_DB_RETRY_MAX_DELAY
+        ),
         before_sleep=before_sleep,
         reraise=True,
     )

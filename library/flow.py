@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 
 from library import logs
-from library.config import Settings
+from library.config import Settings, ThresholdSettings
 from library.errors import DatabaseError, PipelineError, ThresholdExceededError
 from library.faults import failpoint
 from library.metrics import RunMetrics
@@ -72,22 +72,22 @@ class Stopping(Exception):
     """Raised to the feeder when the run is stopping: stop reading."""
 
 
-def check_ratios(counts: Counts, settings: Settings, final: bool) -> None:
+def check_ratios(counts: Counts, thresholds: ThresholdSettings, final: bool) -> None:
     """Raise ThresholdExceededError when a ratio of the contract is crossed."""
     if counts.read == 0 or (not final and counts.read < MIN_ROWS_FOR_RATIO):
         return
     invalid_ratio = counts.invalid / counts.read
-    if invalid_ratio > settings.MAX_INVALID_RATIO:
+    if invalid_ratio > thresholds.max_invalid_ratio:
         raise ThresholdExceededError(
             f"MAX_INVALID_RATIO crossed: {counts.invalid} of {counts.read} rows read are invalid "
-            f"({invalid_ratio:.2%} > {settings.MAX_INVALID_RATIO:.2%})"
+            f"({invalid_ratio:.2%} > {thresholds.max_invalid_ratio:.2%})"
         )
     if counts.valid:
         failed_ratio = counts.failed / counts.valid
-        if failed_ratio > settings.MAX_FAILED_RATIO:
+        if failed_ratio > thresholds.max_failed_ratio:
             raise ThresholdExceededError(
                 f"MAX_FAILED_RATIO crossed: {counts.failed} of {counts.valid} valid transactions "
-                f"could not be scored ({failed_ratio:.2%} > {settings.MAX_FAILED_RATIO:.2%})"
+                f"could not be scored ({failed_ratio:.2%} > {thresholds.max_failed_ratio:.2%})"
             )
 
 
@@ -127,7 +127,8 @@ class Writer(threading.Thread):
     def __init__(
         self,
         sink: Sink,
-        settings: Settings,
+        thresholds: ThresholdSettings,
+        flush_interval: float,
         on_abort: Callable[[PipelineError], None],
         queue_size: int,
         ratios: bool,
@@ -135,7 +136,8 @@ class Writer(threading.Thread):
     ) -> None:
         super().__init__(name="writer", daemon=True)
         self.sink = sink
-        self.settings = settings
+        self.thresholds = thresholds
+        self.flush_interval = flush_interval
         self.items: queue.Queue[object] = queue.Queue(maxsize=queue_size)
         self.error: PipelineError | None = None
         self._on_abort = on_abort
@@ -170,7 +172,7 @@ class Writer(threading.Thread):
             self._on_abort(exc)
 
     def _consume(self) -> None:
-        interval = self.settings.DB_FLUSH_INTERVAL
+        interval = self.flush_interval
         times = self._times
         logs.set_context(stage="write")
         while True:
@@ -201,7 +203,7 @@ class Writer(threading.Thread):
                 self.sink.add(item.unit, result)
                 self._log_chunk(item.unit, result)
                 if self._ratios:
-                    check_ratios(self.sink.run.counts, self.settings, final=False)
+                    check_ratios(self.sink.run.counts, self.thresholds, final=False)
             elif isinstance(item, _End):
                 if item.lost:
                     self.sink.forget_object(item.obj)
@@ -253,29 +255,29 @@ class ScoreAndWrite:
         metrics: RunMetrics | None = None,
         on_claim_lost: Callable[[SourceObject], None] | None = None,
     ) -> None:
-        assert settings.ML_API_URL
+        assert settings.scoring.url
         self.settings = settings
         self.stop = stop
         self.client = ScoringClient(
-            settings.ML_API_URL,
-            make_codec(settings),
-            timeout=settings.API_TIMEOUT,
-            max_retries=settings.API_MAX_RETRIES,
-            backoff=settings.API_RETRY_BACKOFF,
-            backoff_max=settings.API_RETRY_BACKOFF_MAX,
-            pool_size=settings.API_MAX_WORKERS,
-            token=settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None,
-            adaptive=settings.API_CONCURRENCY == "adaptive",
-            rate_limit=settings.API_RATE_LIMIT,
-            down_timeout=settings.API_DOWN_TIMEOUT,
+            settings.scoring.url,
+            make_codec(settings.scoring),
+            timeout=settings.scoring.timeout,
+            max_retries=settings.scoring.max_retries,
+            backoff=settings.scoring.retry_backoff,
+            backoff_max=settings.scoring.retry_backoff_max,
+            pool_size=settings.scoring.max_workers,
+            token=settings.scoring.token_value,
+            adaptive=settings.scoring.concurrency == "adaptive",
+            rate_limit=settings.scoring.rate_limit,
+            down_timeout=settings.scoring.down_timeout,
         )
-        self.times = StageTimes(workers=settings.API_MAX_WORKERS)
+        self.times = StageTimes(workers=settings.scoring.max_workers)
         self._times_lock = threading.Lock()
         self.sink = Sink(
             database_url,
             run_id,
-            settings.DB_ROW_BATCH_SIZE,
-            settings.DB_RETRY_TIMEOUT,
+            settings.sink.row_batch_size,
+            settings.sink.retry_timeout,
             on_flush=metrics.observe_flush if metrics else None,
             on_claim_lost=on_claim_lost,
         )
@@ -285,13 +287,14 @@ class ScoreAndWrite:
         stop.on_set(lambda exc: self.client.stop(str(exc)))
         self.writer = Writer(
             self.sink,
-            settings,
+            settings.thresholds,
+            settings.sink.flush_interval,
             stop.set,
-            queue_size=max(8, 4 * settings.API_MAX_WORKERS),
+            queue_size=settings.scoring.writer_queue_size,
             ratios=ratios,
             times=self.times,
         )
-        self.executor = ThreadPoolExecutor(settings.API_MAX_WORKERS, thread_name_prefix="score")
+        self.executor = ThreadPoolExecutor(settings.scoring.max_workers, thread_name_prefix="score")
         self._seq = 0
 
     def start(self) -> None:
@@ -363,8 +366,8 @@ class ScoreAndWrite:
         """What the limiter did: the mode, the ceiling, where it settled."""
         stats = self.client.limiter.stats()
         return {
-            "mode": self.settings.API_CONCURRENCY,
-            "ceiling": self.settings.API_MAX_WORKERS,
+            "mode": self.settings.scoring.concurrency,
+            "ceiling": self.settings.scoring.max_workers,
             "settled": self.client.limiter.limit,
             "average": round(stats.average_limit, 2),
             "peak": int(stats.peak_limit),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from library import db
-from library.config import Settings
+from library.config import Settings, SinkSettings
 from library.errors import PipelineError
 from library.models import InvalidRow, SourceObject
 
@@ -56,8 +56,8 @@ class PlannedObject:
         }
 
 
-def embedded_exists(settings: Settings) -> bool:
-    return (settings.EMBEDDED_DB_DIR.expanduser() / "PG_VERSION").is_file()
+def embedded_exists(settings: SinkSettings) -> bool:
+    return (settings.embedded_dir.expanduser() / "PG_VERSION").is_file()
 
 
 def ledger_state(
@@ -65,12 +65,12 @@ def ledger_state(
 ) -> tuple[dict[tuple[str, str], tuple[str, int]], str | None]:
     """{(uri, version): (status, checkpoint_line)} from source_objects, and a note when the
     ledger could not be read."""
-    if settings.database_url is None and not embedded_exists(settings):
+    if settings.database_url is None and not embedded_exists(settings.sink):
         return {}, "no database (DATABASE_URL unset, no embedded database yet): ledger not checked"
     from library.run import database
 
     try:
-        with database(settings) as (url, shown):
+        with database(settings.sink) as (url, shown):
             conn = db.connect(url, "batch-pipeline dry run")
             try:
                 if db.pending_migrations(conn):

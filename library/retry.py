@@ -79,7 +79,7 @@ def failed_chunks(url: str, run: str | None, size: int) -> Iterator[ValidatedChu
 
 
 def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunReport:
-    if not settings.ML_API_URL:
+    if not settings.scoring.url:
         raise ConfigError("ML_API_URL is required: set it or pass --ml-api-url http://host:port")
     started = time.time()
     label = "retry-failed" + (f" --run {run}" if run else "")
@@ -97,12 +97,19 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
         try:
             try:
                 wait_until_ready(
-                    flow.client.check_ready, settings.API_WAIT_READY, stop.event, lambda: stop.error
+                    flow.client.check_ready,
+                    settings.scoring.wait_ready,
+                    stop.event,
+                    lambda: stop.error,
                 )
                 flow.start()
-                for number, chunk in enumerate(failed_chunks(url, run, settings.ROW_BATCH_SIZE)):
+                for number, chunk in enumerate(
+                    failed_chunks(url, run, settings.source.row_batch_size)
+                ):
                     chunk.valid = flow.prepare(chunk.valid, chunk.obj)
-                    for unit in plan_units(chunk, settings.API_BATCH_SIZE, flow.next_seq(), number):
+                    for unit in plan_units(
+                        chunk, settings.scoring.batch_size, flow.next_seq(), number
+                    ):
                         flow.submit(unit)
             except Stopping:
                 pass
@@ -112,7 +119,7 @@ def retry_failed(settings: Settings, run: str | None, stop: StopSignal) -> RunRe
             error = exc
         counts: Counts = flow.sink.run.counts
         status, exit_code, message = decide(
-            error, counts, [], settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+            error, counts, [], settings.thresholds.completed_with_errors_exit_code
         )
         report = RunReport(
             run_id=run_id,

@@ -22,7 +22,14 @@ from typing import Any
 
 from library import db, logs, source
 from library.batching import plan_units
-from library.config import Settings, redact_url, url_secrets
+from library.config import (
+    Settings,
+    SinkSettings,
+    SourceSettings,
+    WorkerSettings,
+    redact_url,
+    url_secrets,
+)
 from library.errors import (
     EXIT_COMPLETED,
     EXIT_COMPLETED_WITH_ERRORS,
@@ -151,14 +158,14 @@ def decide(
 
 
 @contextmanager
-def database(settings: Settings) -> Iterator[tuple[str, str]]:
+def database(settings: SinkSettings) -> Iterator[tuple[str, str]]:
     """The database URL to use (given, or the embedded server) and how to show it."""
     url = settings.database_url
     if url:
         yield url, redact_url(url)
         return
-    with db.embedded_postgres(settings.EMBEDDED_DB_DIR) as embedded:
-        folder = settings.EMBEDDED_DB_DIR.expanduser().resolve()
+    with db.embedded_postgres(settings.embedded_dir) as embedded:
+        folder = settings.embedded_dir.expanduser().resolve()
         log.info(
             "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
         )
@@ -172,10 +179,10 @@ def ledger_session(
 ) -> Iterator[tuple[Ledger, str, str]]:
     """Database, schema check (the embedded one is migrated), and the run's ledger connection."""
     with ExitStack() as stack:
-        url, shown = stack.enter_context(database(settings))
+        url, shown = stack.enter_context(database(settings.sink))
         logs.add_secrets(settings.secret_values() + url_secrets(url))
         conn = db.connect(url, f"batch-pipeline {purpose}")
-        ledger = Ledger(url, settings.DB_RETRY_TIMEOUT, conn=conn)
+        ledger = Ledger(url, settings.sink.retry_timeout, conn=conn)
         stack.callback(ledger.close)
         with db.classified("checking the schema"):
             if migrate or settings.database_url is None:
@@ -186,45 +193,44 @@ def ledger_session(
         yield ledger, url, shown
 
 
-def s3_client_for(settings: Settings) -> Any | None:
-    if settings.SOURCE_URI and source.is_s3(settings.SOURCE_URI):
-        secret = settings.SECRET.get_secret_value() if settings.SECRET else None
-        return source.make_s3_client(settings.KEY, secret, settings.ENDPOINT_URL)
+def s3_client_for(settings: SourceSettings) -> Any | None:
+    if settings.uri and source.is_s3(settings.uri):
+        return source.make_s3_client(settings.key, settings.secret_value, settings.endpoint_url)
     return None
 
 
-def worker_label(settings: Settings) -> str | None:
+def worker_label(settings: WorkerSettings) -> str | None:
     """A worker's label in the metrics: its index, or (docker compose --scale, which sets
     none) its host name; none for a group of one."""
-    if settings.RUN_GROUP is None:
+    if settings.run_group is None:
         return None
-    if settings.JOB_COMPLETION_INDEX is not None:
-        return str(settings.JOB_COMPLETION_INDEX)
+    if settings.index is not None:
+        return str(settings.index)
     return socket.gethostname()
 
 
 def require_run_settings(settings: Settings, options: RunOptions) -> None:
-    if not settings.SOURCE_URI:
+    if not settings.source.uri:
         raise ConfigError("SOURCE_URI is required: set it or pass --source s3://bucket/prefix/")
-    if not options.dry_run and not settings.ML_API_URL:
+    if not options.dry_run and not settings.scoring.url:
         raise ConfigError("ML_API_URL is required: set it or pass --ml-api-url http://host:port")
-    if not source.is_s3(settings.SOURCE_URI) and not Path(settings.SOURCE_URI).exists():
-        raise ConfigError(f"SOURCE_URI: no such file or folder: {settings.SOURCE_URI}")
+    if not source.is_s3(settings.source.uri) and not Path(settings.source.uri).exists():
+        raise ConfigError(f"SOURCE_URI: no such file or folder: {settings.source.uri}")
     if options.limit is not None and options.limit < 1:
         raise ConfigError("--limit must be at least 1")
 
 
-def check_found(objects: list[SourceObject], settings: Settings) -> None:
+def check_found(objects: list[SourceObject], settings: SourceSettings) -> None:
     """An empty listing: a nightly job that finds no input usually means a broken
     upstream, so say so, or fail the run if FAIL_ON_EMPTY_SOURCE is set."""
     if objects:
         return
     message = (
-        f"no objects found under {settings.SOURCE_URI}: no .csv, .csv.gz or .csv.zst there; "
+        f"no objects found under {settings.uri}: no .csv, .csv.gz or .csv.zst there; "
         "check SOURCE_URI and the upstream export"
     )
-    if settings.FAIL_ON_EMPTY_SOURCE:
-        raise SourceError(message + " (FAIL_ON_EMPTY_SOURCE is set)", settings.SOURCE_URI)
+    if settings.fail_on_empty:
+        raise SourceError(message + " (FAIL_ON_EMPTY_SOURCE is set)", settings.uri)
     log.warning("%s", message)
 
 
@@ -261,10 +267,10 @@ class Run:
         self.reporter: Reporter | None = None
         self.live = LiveState()
         self.metrics = RunMetrics(
-            settings.METRICS_JOB,
-            settings.PUSHGATEWAY_URL,
-            settings.METRICS_TEXTFILE,
-            worker=worker_label(settings),
+            settings.observability.metrics_job,
+            settings.observability.pushgateway_url,
+            settings.observability.metrics_textfile,
+            worker=worker_label(settings.worker),
         )
         self.objects_found: int | None = None
         self.group_outcome: tuple[bool, int] | None = None  # (finished by this worker, code)
@@ -293,21 +299,21 @@ class Run:
             settings = self.settings
             run_id = ledger.start_run(
                 datetime.now(),
-                settings.SOURCE_URI,
+                settings.source.uri,
                 settings.redacted(),
-                settings.RUN_GROUP,
-                settings.JOB_COMPLETION_INDEX,
+                settings.worker.run_group,
+                settings.worker.index,
             )
             ledger.start_heartbeat()
-            group = RunGroup(ledger, settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX)
+            group = RunGroup(ledger, settings.worker.run_group, settings.worker.index)
             logs.set_run(run_id)
             self.metrics.set_run(run_id)
             log.info("Starting batch pipeline")
             log.info("Pipeline Run ID: %s", run_id)
             error: PipelineError | None = None
-            if settings.RUN_GROUP is not None:
+            if settings.worker.run_group is not None:
                 log.info(
-                    "Run group %s, worker %d", settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX or 0
+                    "Run group %s, worker %d", settings.worker.run_group, settings.worker.index or 0
                 )
             try:
                 self._process(ledger, group, url, run_id)
@@ -332,9 +338,9 @@ class Run:
 
     def _process(self, ledger: Ledger, group: RunGroup, url: str, run_id: str) -> None:
         settings = self.settings
-        source_uri = settings.SOURCE_URI
+        source_uri = settings.source.uri
         assert source_uri
-        s3 = s3_client_for(settings)
+        s3 = s3_client_for(settings.source)
         group.raise_if_stopped()  # a retried worker must not let bad input through
         objects = group.listing(
             source_uri, lambda: source.list_objects(source_uri, s3), self.options.limit
@@ -343,8 +349,8 @@ class Run:
         ledger.set_objects_total(run_id, len(objects))
         self.live.objects_total = len(objects)
         self.live.bytes_total = sum(o.size or 0 for o in objects)
-        log.info("Found %d object(s) under %s", len(objects), settings.SOURCE_URI)
-        check_found(objects, settings)
+        log.info("Found %d object(s) under %s", len(objects), settings.source.uri)
+        check_found(objects, settings.source)
         flow = ScoreAndWrite(
             settings, url, run_id, self.stop, metrics=self.metrics, on_claim_lost=ledger.mark_lost
         )
@@ -355,10 +361,13 @@ class Run:
             self.metrics.concurrency.set(flow.client.limiter.limit)
 
         # JSON logs are for a log pipeline: a live bar on stderr would be lines it cannot parse.
-        json_logs = settings.LOG_FORMAT == "json" and settings.PROGRESS == "auto"
+        json_logs = (
+            settings.observability.log_format == "json"
+            and settings.observability.progress == "auto"
+        )
         reporter = Reporter(
-            "log" if json_logs else settings.PROGRESS,
-            settings.PROGRESS_INTERVAL,
+            "log" if json_logs else settings.observability.progress,
+            settings.observability.progress_interval,
             self.live,
             lambda: flow.sink.run.counts,
             self.metrics,
@@ -369,7 +378,7 @@ class Run:
         try:
             wait_until_ready(
                 flow.client.check_ready,
-                settings.API_WAIT_READY,
+                settings.scoring.wait_ready,
                 self.stop.event,
                 lambda: self.stop.error,
             )
@@ -384,7 +393,7 @@ class Run:
                 flow.finish()
             finally:
                 reporter.stop()
-        check_ratios(flow.sink.run.counts, settings, final=True)
+        check_ratios(flow.sink.run.counts, settings.thresholds, final=True)
 
     def _feed(
         self,
@@ -428,9 +437,9 @@ class Run:
                     chunks = source.read_chunks(
                         obj,
                         text,
-                        self.settings.ROW_BATCH_SIZE,
+                        self.settings.source.row_batch_size,
                         claim.checkpoint_line,
-                        max_quoted_field_chars=self.settings.MAX_QUOTED_FIELD_CHARS,
+                        max_quoted_field_chars=self.settings.source.max_quoted_field_chars,
                     )
                     while True:
                         began = time.perf_counter()
@@ -447,7 +456,7 @@ class Run:
                         units = list(
                             plan_units(
                                 validated,
-                                self.settings.API_BATCH_SIZE,
+                                self.settings.scoring.batch_size,
                                 flow.next_seq(),
                                 chunk_number,
                             )
@@ -480,7 +489,7 @@ class Run:
         flow = self.flow
         counts = flow.sink.run.counts if flow else Counts()
         status, exit_code, message = decide(
-            error, counts, self.outcomes, self.settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+            error, counts, self.outcomes, self.settings.thresholds.completed_with_errors_exit_code
         )
         return RunReport(
             run_id=run_id,
@@ -532,7 +541,7 @@ class DryRun:
     def execute(self) -> RunReport:
         started = time.time()
         settings = self.settings
-        assert settings.SOURCE_URI
+        assert settings.source.uri
         run_id = "dry_run_" + datetime.now().strftime("%Y%m%d_%H%M%S")
         log.info("Starting batch pipeline (dry run: no API calls, no writes)")
         counts = Counts()
@@ -543,10 +552,10 @@ class DryRun:
         error: PipelineError | None = None
         found: int | None = None
         try:
-            s3 = s3_client_for(settings)
-            objects = source.list_objects(settings.SOURCE_URI, s3)
+            s3 = s3_client_for(settings.source)
+            objects = source.list_objects(settings.source.uri, s3)
             found = len(objects)
-            check_found(objects, settings)
+            check_found(objects, settings.source)
             if self.options.limit is not None:
                 objects = objects[: self.options.limit]
             state, note = ledger_state(settings, objects)
@@ -566,9 +575,9 @@ class DryRun:
                         for chunk in source.read_chunks(
                             obj,
                             text,
-                            settings.ROW_BATCH_SIZE,
+                            settings.source.row_batch_size,
                             planned.resume_after_line,
-                            max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS,
+                            max_quoted_field_chars=settings.source.max_quoted_field_chars,
                         ):
                             validated = validate_chunk(chunk)
                             reasons.add(obj.uri, validated.invalid)
@@ -584,11 +593,11 @@ class DryRun:
                     log.error("Cannot read %s", outcome.error)
             if self.stop.error is not None:
                 raise self.stop.error
-            check_ratios(counts, settings, final=True)
+            check_ratios(counts, settings.thresholds, final=True)
         except (PipelineError, ThresholdExceededError) as exc:
             error = exc
         status, exit_code, message = decide(
-            error, counts, outcomes, settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+            error, counts, outcomes, settings.thresholds.completed_with_errors_exit_code
         )
         return RunReport(
             run_id=run_id,

@@ -38,7 +38,11 @@ from typing import IO, Any
 
 import polars as pl
 
-from library.config import DEFAULT_MAX_QUOTED_FIELD_CHARS
+from library.config import (
+    DEFAULT_MAX_QUOTED_FIELD_CHARS,
+    DEFAULT_S3_CONNECT_TIMEOUT,
+    DEFAULT_S3_MAX_ATTEMPTS,
+)
 from library.contract import REQUIRED_COLUMNS
 from library.errors import MissingColumnsError, SourceError, UnterminatedQuoteError
 from library.models import LINE_COLUMN, InvalidRow, Reason, RowChunk, SourceObject
@@ -90,7 +94,10 @@ def make_s3_client(key: str | None, secret: str | None, endpoint_url: str | None
         aws_access_key_id=key,
         aws_secret_access_key=secret,
         region_name=session.region_name or "us-east-1",
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10),
+        config=Config(
+            retries={"max_attempts": DEFAULT_S3_MAX_ATTEMPTS, "mode": "standard"},
+            connect_timeout=DEFAULT_S3_CONNECT_TIMEOUT,
+        ),
     )
 
 

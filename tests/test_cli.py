@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from library.config import Settings
+from library.config import ENV_NAMES
 from pipeline.batch.main import build_parser, flag_name
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -22,7 +22,7 @@ def subcommands() -> dict[str, object]:
 def test_every_setting_is_a_flag_of_run() -> None:
     run = subcommands()["run"]
     flags = {opt for a in run._actions for opt in a.option_strings}  # type: ignore[attr-defined]
-    for name in Settings.model_fields:
+    for name in ENV_NAMES:
         assert flag_name(name) in flags, name
     assert "--source" in flags
 
@@ -32,13 +32,13 @@ def test_flags_parse_into_settings() -> None:
 
     args = build_parser().parse_args(["run", "--source", "s3://b/p/", "--api-max-workers", "7"])
     s = settings_from(args)
-    assert s.SOURCE_URI == "s3://b/p/" and s.API_MAX_WORKERS == 7
+    assert s.source.uri == "s3://b/p/" and s.scoring.max_workers == 7
 
 
 def test_every_command_and_variable_is_in_the_readme() -> None:
     for command in subcommands():
         assert re.search(rf"batch-pipeline {command}\b", README), command
-    for name in Settings.model_fields:
+    for name in ENV_NAMES:
         assert f"`{name}`" in README, name
 
 
@@ -85,7 +85,7 @@ def test_each_setting_is_in_exactly_one_group() -> None:
     from pipeline.batch.main import COMMAND_GROUPS, SETTING_GROUPS
 
     grouped = [name for names in SETTING_GROUPS.values() for name in names]
-    assert sorted(grouped) == sorted(Settings.model_fields)
+    assert sorted(grouped) == sorted(ENV_NAMES)
     assert set(COMMAND_GROUPS) == set(subcommands()) - {"model-server", "schema"}
     for groups in COMMAND_GROUPS.values():
         assert set(groups) <= set(SETTING_GROUPS)

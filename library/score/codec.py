@@ -19,7 +19,7 @@ from library.errors import TransientApiError
 from library.models import Prediction
 
 if TYPE_CHECKING:
-    from library.config import Settings
+    from library.config import ScoringSettings
 
 EVENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
 PAYLOAD_COLUMN = "_payload"  # each row's request JSON, encoded once per chunk
@@ -124,18 +124,18 @@ class NativeCodec:
         return out
 
 
-def make_codec(settings: Settings) -> Codec:
+def make_codec(settings: ScoringSettings) -> Codec:
     """The codec of ML_API_PROTOCOL."""
-    if settings.ML_API_PROTOCOL == "mlflow":
+    if settings.protocol == "mlflow":
         from library.score.codecs_mlflow import MlflowCodec
 
-        assert settings.MODEL_VERSION  # enforced by Settings
-        mlflow: Codec = MlflowCodec(settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
+        assert settings.model_version  # enforced by ScoringSettings
+        mlflow: Codec = MlflowCodec(settings.model_version, settings.fraud_threshold)
         return mlflow
-    if settings.ML_API_PROTOCOL == "v2":
+    if settings.protocol == "v2":
         from library.score.codecs_v2 import V2Codec
 
-        assert settings.MODEL_NAME  # enforced by Settings
-        v2: Codec = V2Codec(settings.MODEL_NAME, settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
+        assert settings.model_name  # enforced by ScoringSettings
+        v2: Codec = V2Codec(settings.model_name, settings.model_version, settings.fraud_threshold)
         return v2
     return NativeCodec()

@@ -21,7 +21,14 @@ import orjson
 import psycopg
 
 from library import db, logs
-from library.config import Settings, client_secrets, load_settings
+from library.config import (
+    ENV_FIELDS,
+    ENV_NAMES,
+    Settings,
+    client_secrets,
+    load_settings,
+    misspelt_variables,
+)
 from library.contract import SCHEMAS
 from library.errors import (
     EXIT_FAILED,
@@ -115,13 +122,12 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    fields = Settings.model_fields
     for group_name in COMMAND_GROUPS[command]:
         group = parser.add_argument_group(
             f"{group_name} settings (each also an environment variable)"
         )
         for name in SETTING_GROUPS[group_name]:
-            info = fields[name]
+            info = ENV_FIELDS[name].info
             default = info.get_default(call_default_factory=True)
             shown = "none" if default is None else default
             secret = (
@@ -276,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
+    overrides = {name: getattr(args, name, None) for name in ENV_NAMES}
     return load_settings(overrides)
 
 
@@ -300,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"batch-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     secrets = settings.secret_values() + client_secrets()
-    logs.setup_logging(settings.LOG_LEVEL, secrets, settings.LOG_FORMAT)
+    logs.setup_logging(settings.observability.log_level, secrets, settings.observability.log_format)
+    for name, meant in misspelt_variables():
+        log.warning("%s is set but is not a setting: did you mean %s? (it is ignored)", name, meant)
     handlers = {
         "run": cmd_run,
         "check": cmd_check,
@@ -417,7 +425,7 @@ def print_summary(report: Any, settings: Settings, retry: bool = False) -> None:
     says the run failed and points there."""
     s = report.summary()
     notes = summary_notes(report, retry)
-    if settings.LOG_FORMAT == "json":
+    if settings.observability.log_format == "json":
         s["notes"] = notes
         s["database"] = report.database
         if not did_work(report) and s.get("stage_times"):
@@ -428,7 +436,7 @@ def print_summary(report: Any, settings: Settings, retry: bool = False) -> None:
     rows = s["rows"]
     objects = ", ".join(f"{n} {k}" for k, n in sorted(s["objects"].items())) or "none"
     if s.get("objects_found") == 0:
-        objects = f"none found under {settings.SOURCE_URI or 'SOURCE_URI'}"
+        objects = f"none found under {settings.source.uri or 'SOURCE_URI'}"
     status = f"{s['status']} (exit {s['exit_code']})"
     if s["error"]:
         status += ": the error is logged above"
@@ -485,7 +493,7 @@ def read_only(settings: Settings, action: Any) -> Any:
     any `run` finds an empty history instead of a schema error."""
     from library.run import database
 
-    with database(settings) as (url, shown):
+    with database(settings.sink) as (url, shown):
         conn = db.connect(url, "batch-pipeline read")
         try:
             with db.classified("reading the ledger"):
@@ -545,7 +553,7 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
     results = run_checks(settings)
     for result in results:
-        if settings.LOG_FORMAT == "json":
+        if settings.observability.log_format == "json":
             level = "INFO" if result.ok else "ERROR"
             line = logs.json_event(
                 result.line(), level, check=result.name, ok=result.ok, detail=result.detail
@@ -619,7 +627,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     command = (
         "python3 -m uv run --no-dev batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
     )
-    if settings.LOG_FORMAT == "json":
+    if settings.observability.log_format == "json":
         print(
             logs.json_event(
                 "Look at the predictions", "INFO", command=f"{command} query", sql=LOOK_QUERY
@@ -637,7 +645,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
     from library.run import database
 
-    with database(settings) as (url, _shown):
+    with database(settings.sink) as (url, _shown):
         conn = db.connect(url, "batch-pipeline query")
         try:
             with conn.transaction():
@@ -667,7 +675,7 @@ def print_table(columns: list[str], rows: list[tuple[Any, ...]], count: bool = T
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from library.run import database
 
-    with database(settings) as (url, shown):
+    with database(settings.sink) as (url, shown):
         conn = db.connect(url, "batch-pipeline migrate")
         try:
             with db.classified("migrating"):
