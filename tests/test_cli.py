@@ -76,6 +76,8 @@ def test_the_readme_starts_the_model_servers_as_the_tests_do(tmp_path: Path) -> 
     runs = [line for line in block.splitlines() if "batch-pipeline run" in line]
     assert len(runs) == 2 and all("--reprocess" in line for line in runs)
     assert block.count("until python3 -c") == 2
+
+
 def help_of(command: str) -> str:
     parser = subcommands()[command]
     return parser.format_help()  # type: ignore[attr-defined,no-any-return]
@@ -118,3 +120,37 @@ def test_version_and_run_id_are_documented(capsys: pytest.CaptureFixture[str]) -
     assert "RUN_ID: each run's id, batch_YYYYMMDD_HHMMSS" in top
     assert "batch_YYYYMMDD_HHMMSS" in help_of("status")
     assert "`RUN_ID`" in README and "batch_YYYYMMDD_HHMMSS" in README
+
+
+def test_every_command_has_one_handler() -> None:
+    from pipeline.batch.main import COMMAND_GROUPS, COMMANDS, STANDALONE
+
+    assert set(COMMANDS) | set(STANDALONE) == set(subcommands())
+    assert not set(COMMANDS) & set(STANDALONE)
+    assert set(COMMANDS) == set(COMMAND_GROUPS)  # those that read settings list theirs
+
+
+def test_tables_off_a_terminal_are_plain_unwrapped_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped or captured, a table is `a | b` lines under a `-+-` rule, one line per row at
+    any length, and a cell is never taken for rich markup."""
+    from pipeline.batch.render import print_table
+
+    long_uri = "s3://bucket/" + "x" * 300 + ".csv"
+    print_table(["run_id", "source"], [("batch_1", long_uri), ("[bold]b[/bold]", None)])
+    lines = capsys.readouterr().out.splitlines()
+    width = len("[bold]b[/bold]")
+    assert lines == [
+        "run_id".ljust(width) + " | " + "source".ljust(len(long_uri)),
+        "-" * width + "-+-" + "-" * len(long_uri),
+        "batch_1".ljust(width) + " | " + long_uri,
+        "[bold]b[/bold] | " + " " * len(long_uri),
+        "(2 rows)",
+    ]
+
+
+def test_summary_lines_off_a_terminal_are_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.batch.render import print_labelled
+
+    lines = ["run_id:        batch_1 [dry]", "plan:          read a.csv", "               b.csv"]
+    print_labelled(lines)
+    assert capsys.readouterr().out.splitlines() == lines
