@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from library import db
-from library.config import Settings, SinkSettings
+from library.config import SinkSettings
 from library.errors import PipelineError
 from library.models import InvalidRow, SourceObject
 
@@ -61,16 +61,16 @@ def embedded_exists(settings: SinkSettings) -> bool:
 
 
 def ledger_state(
-    settings: Settings, objects: list[SourceObject]
+    settings: SinkSettings, objects: list[SourceObject]
 ) -> tuple[dict[tuple[str, str], tuple[str, int]], str | None]:
     """{(uri, version): (status, checkpoint_line)} from source_objects, and a note when the
     ledger could not be read."""
-    if settings.database_url is None and not embedded_exists(settings.sink):
+    if settings.database_url is None and not embedded_exists(settings):
         return {}, "no database (DATABASE_URL unset, no embedded database yet): ledger not checked"
     from library.run import database
 
     try:
-        with database(settings.sink) as (url, shown):
+        with database(settings) as (url, shown):
             conn = db.connect(url, "batch-pipeline dry run")
             try:
                 if db.pending_migrations(conn):

@@ -558,7 +558,7 @@ class DryRun:
             check_found(objects, settings.source)
             if self.options.limit is not None:
                 objects = objects[: self.options.limit]
-            state, note = ledger_state(settings, objects)
+            state, note = ledger_state(settings.sink, objects)
             if note:
                 log.warning("Dry run: %s; every object is counted as to be read", note)
             plan = plan_objects(objects, state, self.options.reprocess)
