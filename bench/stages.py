@@ -25,11 +25,12 @@ from library.config import Settings, load_settings
 from library.flow import make_client, prepare_units
 from library.ledger import Ledger
 from library.models import Prediction, PreparedChunk, ScoreResult, WorkUnit
+from library.reading import ObjectReader
 from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
-from library.run import reader_for, s3_client_for
 from library.score.client import ScoringClient, latest_rows
 from library.score.protocol import EVENT_TIME_FORMAT
 from library.sink import FlushBuffer, PreparedFlush, Sink
+from library.source import s3_client_for
 from library.validate import validate_chunk
 
 
@@ -41,25 +42,27 @@ def cpu() -> float:
 def load_units(settings: Settings, client: ScoringClient) -> list[WorkUnit]:
     """The whole input read, validated and prepared as a run does (ObjectReader,
     prepare_units), as work units."""
-    assert settings.SOURCE_URI
-    s3 = s3_client_for(settings)
-    reader = reader_for(settings, s3)
+    assert settings.source.uri
+    s3 = s3_client_for(settings.source)
+    reader = ObjectReader.from_settings(settings.source, s3)
     units: list[WorkUnit] = []
-    for obj in source.list_objects(settings.SOURCE_URI, s3):
+    for obj in source.list_objects(settings.source.uri, s3):
         for chunk in reader.chunks(obj):
             units.extend(
-                prepare_units(chunk, client, Sink, settings.API_BATCH_SIZE, len(units), chunk.index)
+                prepare_units(
+                    chunk, client, Sink, settings.scoring.batch_size, len(units), chunk.index
+                )
             )
     return units
 
 
 def score() -> dict[str, float]:
     settings = load_settings()
-    client = make_client(settings)
+    client = make_client(settings.scoring)
     units = [u for u in load_units(settings, client) if u.transactions.height]
     rows = sum(u.transactions.height for u in units)
     began, cpu0 = time.perf_counter(), cpu()
-    with ThreadPoolExecutor(settings.API_MAX_WORKERS) as pool:
+    with ThreadPoolExecutor(settings.scoring.max_workers) as pool:
         results = list(pool.map(lambda u: client.score(u.transactions, u.requests), units))
     seconds, cpu_seconds = time.perf_counter() - began, cpu() - cpu0
     scored = sum(len(r.predictions) for r in results)
@@ -89,12 +92,12 @@ def write() -> dict[str, float]:
     settings = load_settings()
     url = settings.database_url
     assert url
-    units = load_units(settings, make_client(settings))
+    units = load_units(settings, make_client(settings.scoring))
     results = [local_scores(u) for u in units]
     rows = sum(u.rows for u in units)
-    ledger = Ledger(url, settings.DB_RETRY_TIMEOUT)
-    run_id = ledger.start_run(datetime.now(), settings.SOURCE_URI, {})
-    sink = Sink(url, run_id, settings.DB_ROW_BATCH_SIZE, settings.DB_RETRY_TIMEOUT)
+    ledger = Ledger(url, settings.sink.retry_timeout)
+    run_id = ledger.start_run(datetime.now(), settings.source.uri, {})
+    sink = Sink(url, run_id, settings.sink.row_batch_size, settings.sink.retry_timeout)
     began, cpu0 = time.perf_counter(), cpu()
     current = None
     for unit, result in zip(units, results, strict=True):
@@ -128,11 +131,13 @@ def breakdown() -> dict[str, float]:
     import urllib3
 
     settings = load_settings()
-    assert settings.SOURCE_URI
-    client = make_client(settings)
+    assert settings.source.uri
+    client = make_client(settings.scoring)
     codec = client.codec
-    s3 = s3_client_for(settings)
-    spent = dict.fromkeys(("read", "validate", "encode_request", "decode_response", "prepare_copy"), 0.0)
+    s3 = s3_client_for(settings.source)
+    spent = dict.fromkeys(
+        ("read", "validate", "encode_request", "decode_response", "prepare_copy"), 0.0
+    )
 
     def timed(name: str, began: float) -> float:
         now = time.thread_time()
@@ -140,10 +145,13 @@ def breakdown() -> dict[str, float]:
         return now
 
     chunks = []
-    for obj in source.list_objects(settings.SOURCE_URI, s3):
+    for obj in source.list_objects(settings.source.uri, s3):
         with source.open_text(obj, s3) as (text, _):
             reader = source.read_chunks(
-                obj, text, settings.ROW_BATCH_SIZE, max_quoted_field_chars=settings.MAX_QUOTED_FIELD_CHARS
+                obj,
+                text,
+                settings.source.row_batch_size,
+                max_quoted_field_chars=settings.source.max_quoted_field_chars,
             )
             while True:
                 began = time.thread_time()
@@ -163,7 +171,7 @@ def breakdown() -> dict[str, float]:
         copy_lines = Sink.prepare_copy_lines(validated.valid, chunk.obj)
         timed("prepare_copy", began)
         prepared = PreparedChunk(validated, requests, copy_lines)
-        units.extend(plan_units(prepared, settings.API_BATCH_SIZE, len(units), number))
+        units.extend(plan_units(prepared, settings.scoring.batch_size, len(units), number))
     chunks.clear()
     http = urllib3.PoolManager()
     results: list[ScoreResult] = []
@@ -189,7 +197,7 @@ def breakdown() -> dict[str, float]:
     for unit, result in zip(units, results, strict=True):
         buffer.units.append((unit, result))
         buffer.rows += unit.rows
-        if buffer.rows >= settings.DB_ROW_BATCH_SIZE:
+        if buffer.rows >= settings.sink.row_batch_size:
             began = time.thread_time()
             PreparedFlush.build(buffer, None)
             timed("prepare_copy", began)

@@ -18,11 +18,19 @@ import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import urllib3
 
 from library import db, source
-from library.config import Settings, redact_url
+from library.config import (
+    ObservabilitySettings,
+    ScoringSettings,
+    Settings,
+    SinkSettings,
+    SourceSettings,
+    redact_url,
+)
 from library.errors import PipelineError
 from library.models import SourceObject
 from library.score.client import split_credentials
@@ -54,11 +62,11 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def check_source(settings: Settings) -> CheckResult:
-    uri = settings.SOURCE_URI
+def check_source(settings: SourceSettings) -> CheckResult:
+    uri = settings.uri
     if not uri:
         return CheckResult("source", False, "SOURCE_URI is not set")
-    from library.run import s3_client_for
+    from library.source import s3_client_for
 
     try:
         objects = source.list_objects(uri, s3_client_for(settings))
@@ -71,14 +79,14 @@ def check_source(settings: Settings) -> CheckResult:
     return CheckResult("source", True, f"{uri}: {len(objects)} {noun}, {_size(total)}")
 
 
-def check_database(settings: Settings) -> CheckResult:
+def check_database(settings: SinkSettings) -> CheckResult:
     from library.db import database
 
     embedded = settings.database_url is None
     try:
         with database(settings) as (url, shown):
             where = (
-                f"embedded PostgreSQL in {settings.EMBEDDED_DB_DIR.expanduser().resolve()}"
+                f"embedded PostgreSQL in {settings.embedded_dir.expanduser().resolve()}"
                 if embedded
                 else shown
             )
@@ -101,22 +109,22 @@ def check_database(settings: Settings) -> CheckResult:
     )
 
 
-def check_model(settings: Settings) -> CheckResult:
+def check_model(settings: ScoringSettings) -> CheckResult:
     """Health through the run's own client, then one request of one fixed contract row,
     encoded and decoded by the run's codec: no retry, so the answer is the service's own."""
-    if not settings.ML_API_URL:
+    if not settings.url:
         return CheckResult("model", False, "ML_API_URL is not set")
     from library.score.client import ScoringClient, classify_response, describe_transport_error
     from library.score.codec import make_codec
     from library.validate import validate_chunk
 
-    shown = f"{redact_url(settings.ML_API_URL)} ({settings.ML_API_PROTOCOL})"
-    token = settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None
+    shown = f"{redact_url(settings.url)} ({settings.protocol})"
+    token = settings.token_value
     codec = make_codec(settings)
     client = ScoringClient(
-        settings.ML_API_URL,
+        settings.url,
         codec,
-        timeout=settings.API_TIMEOUT,
+        timeout=settings.timeout,
         max_retries=0,
         backoff=0.0,
         backoff_max=0.0,
@@ -132,7 +140,7 @@ def check_model(settings: Settings) -> CheckResult:
     obj = SourceObject("batch-pipeline-check", "1")
     [chunk] = source.read_chunks(obj, io.StringIO(TEST_ROW_CSV), 10)
     batch = validate_chunk(chunk).valid
-    base, basic_auth = split_credentials(settings.ML_API_URL)
+    base, basic_auth = split_credentials(settings.url)
     url = base.rstrip("/") + codec.predict_path
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if token:
@@ -145,7 +153,7 @@ def check_model(settings: Settings) -> CheckResult:
             url,
             body=codec.encode(batch, codec.prepare(batch)),
             headers=headers,
-            timeout=settings.API_TIMEOUT,
+            timeout=settings.timeout,
             retries=False,
         )
     except urllib3.exceptions.HTTPError as exc:
@@ -173,11 +181,11 @@ def check_model(settings: Settings) -> CheckResult:
     )
 
 
-def check_pushgateway(settings: Settings) -> CheckResult | None:
-    if not settings.PUSHGATEWAY_URL:
+def check_pushgateway(settings: ObservabilitySettings) -> CheckResult | None:
+    if not settings.pushgateway_url:
         return None
-    url = settings.PUSHGATEWAY_URL + "/-/ready"
-    shown = redact_url(settings.PUSHGATEWAY_URL)
+    url = settings.pushgateway_url + "/-/ready"
+    shown = redact_url(settings.pushgateway_url)
     try:
         response = urllib3.request("GET", url, timeout=HTTP_CHECK_SECONDS, retries=False)
     except urllib3.exceptions.HTTPError as exc:
@@ -191,23 +199,21 @@ def check_pushgateway(settings: Settings) -> CheckResult | None:
     return CheckResult("pushgateway", True, f"{shown}: ready")
 
 
-CHECKS: tuple[Callable[[Settings], CheckResult | None], ...] = (
-    check_source,
-    check_database,
-    check_model,
-    check_pushgateway,
-)
-
-
 def run_checks(settings: Settings) -> list[CheckResult]:
     """Every check, in order; a check's unexpected error is its failure, not the command's."""
+    # Each check is given the one settings group it reads, in the order they are printed.
+    checks: list[tuple[str, Callable[[], CheckResult | None]]] = [
+        ("source", partial(check_source, settings.source)),
+        ("database", partial(check_database, settings.sink)),
+        ("model", partial(check_model, settings.scoring)),
+        ("pushgateway", partial(check_pushgateway, settings.observability)),
+    ]
     results = []
-    for check in CHECKS:
+    for name, check in checks:
         try:
-            result = check(settings)
+            result = check()
         except Exception as exc:  # a bug or an unclassified error: still one line
-            log.debug("check %s failed", check.__name__, exc_info=True)
-            name = check.__name__.removeprefix("check_")
+            log.debug("check %s failed", name, exc_info=True)
             result = CheckResult(name, False, f"{type(exc).__name__}: {db.first_line(exc)}")
         if result is not None:
             results.append(result)

@@ -30,11 +30,17 @@ import psycopg
 import tenacity
 from psycopg import errors as pg_errors
 
-from library.config import redact_url, scrub, url_secrets
+from library.config import (
+    DEFAULT_DB_RETRY_FIRST_DELAY,
+    DEFAULT_DB_RETRY_MAX_DELAY,
+    redact_url,
+    scrub,
+    url_secrets,
+)
 from library.errors import DatabaseError, SchemaNotReadyError, TransientDatabaseError
 
 if TYPE_CHECKING:
-    from library.config import Settings
+    from library.config import SinkSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +74,6 @@ KEEPALIVES: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 60_000,  # ms: unacknowledged data for this long breaks the connection
 }
-RETRY_FIRST_DELAY = 0.5  # seconds; doubles with full jitter
-RETRY_MAX_DELAY = 10.0
 
 
 class ClaimLostError(DatabaseError):
@@ -159,7 +163,9 @@ def with_retries(
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(TransientDatabaseError),
         stop=tenacity.stop_after_delay(window),
-        wait=tenacity.wait_random_exponential(multiplier=RETRY_FIRST_DELAY, max=RETRY_MAX_DELAY),
+        wait=tenacity.wait_random_exponential(
+            multiplier=DEFAULT_DB_RETRY_FIRST_DELAY, max=DEFAULT_DB_RETRY_MAX_DELAY
+        ),
         before_sleep=before_sleep,
         reraise=True,
     )
@@ -377,14 +383,14 @@ def embedded_postgres(folder: Path) -> Iterator[str]:
 
 
 @contextmanager
-def database(settings: Settings) -> Iterator[tuple[str, str]]:
+def database(settings: SinkSettings) -> Iterator[tuple[str, str]]:
     """The database URL to use (given, or the embedded server) and how to show it."""
     url = settings.database_url
     if url:
         yield url, redact_url(url)
         return
-    with embedded_postgres(settings.EMBEDDED_DB_DIR) as embedded:
-        folder = settings.EMBEDDED_DB_DIR.expanduser().resolve()
+    with embedded_postgres(settings.embedded_dir) as embedded:
+        folder = settings.embedded_dir.expanduser().resolve()
         log.info(
             "DATABASE_URL is unset: using the embedded PostgreSQL in %s (%s)", folder, embedded
         )

@@ -43,5 +43,5 @@ def run_demo(settings: Settings, rows: int, folder: Path, stop: StopSignal) -> R
     log.info("wrote %d sample rows to %s (%s)", rows, folder, ", ".join(f.name for f in files))
     with reference_model() as url:
         log.info("reference model serving on %s", url)
-        demo_settings = settings.model_copy(update={"SOURCE_URI": str(folder), "ML_API_URL": url})
+        demo_settings = settings.updated({"SOURCE_URI": str(folder), "ML_API_URL": url})
         return run_pipeline(demo_settings, RunOptions(reprocess=True, migrate=True), stop)

@@ -27,7 +27,7 @@ from typing import Any
 
 from library import logs
 from library.batching import plan_units
-from library.config import Settings
+from library.config import ScoringSettings, Settings, ThresholdSettings
 from library.errors import DatabaseError, PipelineError, ThresholdExceededError
 from library.faults import failpoint
 from library.metrics import RunMetrics
@@ -48,8 +48,6 @@ from library.sink import Sink
 log = logging.getLogger(__name__)
 
 MIN_ROWS_FOR_RATIO = 1000  # a ratio over fewer rows says little; the end-of-run check still applies
-MIN_WRITER_QUEUE_UNITS = 8  # the writer's queue: at least this many units...
-WRITER_QUEUE_UNITS_PER_WORKER = 4  # ...and this many per scoring worker
 
 
 class StopSignal:
@@ -90,8 +88,8 @@ class Ratios:
     max_failed: float
 
     @classmethod
-    def of(cls, settings: Settings) -> Ratios:
-        return cls(settings.MAX_INVALID_RATIO, settings.MAX_FAILED_RATIO)
+    def of(cls, settings: ThresholdSettings) -> Ratios:
+        return cls(settings.max_invalid_ratio, settings.max_failed_ratio)
 
     def check(self, counts: Counts, final: bool) -> None:
         """Raise ThresholdExceededError when a ratio is crossed."""
@@ -282,27 +280,21 @@ def prepare_units(
     return list(plan_units(prepared, api_batch_size, first_seq, chunk_number))
 
 
-def queue_size_for(workers: int) -> int:
-    """Units read but not yet written: enough to keep every worker busy while the writer
-    flushes (WRITER_QUEUE_UNITS_PER_WORKER per worker), few enough to keep memory flat."""
-    return max(MIN_WRITER_QUEUE_UNITS, WRITER_QUEUE_UNITS_PER_WORKER * workers)
-
-
-def make_client(settings: Settings) -> ScoringClient:
+def make_client(settings: ScoringSettings) -> ScoringClient:
     """The scoring client of the settings (ML_API_*, API_*)."""
-    assert settings.ML_API_URL
+    assert settings.url
     return ScoringClient(
-        settings.ML_API_URL,
+        settings.url,
         make_codec(settings),
-        timeout=settings.API_TIMEOUT,
-        max_retries=settings.API_MAX_RETRIES,
-        backoff=settings.API_RETRY_BACKOFF,
-        backoff_max=settings.API_RETRY_BACKOFF_MAX,
-        pool_size=settings.API_MAX_WORKERS,
-        token=settings.ML_API_TOKEN.get_secret_value() if settings.ML_API_TOKEN else None,
-        adaptive=settings.API_CONCURRENCY == "adaptive",
-        rate_limit=settings.API_RATE_LIMIT,
-        down_timeout=settings.API_DOWN_TIMEOUT,
+        timeout=settings.timeout,
+        max_retries=settings.max_retries,
+        backoff=settings.retry_backoff,
+        backoff_max=settings.retry_backoff_max,
+        pool_size=settings.max_workers,
+        token=settings.token_value,
+        adaptive=settings.concurrency == "adaptive",
+        rate_limit=settings.rate_limit,
+        down_timeout=settings.down_timeout,
     )
 
 
@@ -357,28 +349,28 @@ class ScoreAndWrite:
         metrics: RunMetrics | None = None,
         on_claim_lost: Callable[[SourceObject], None] | None = None,
     ) -> ScoreAndWrite:
-        client = make_client(settings)
+        client = make_client(settings.scoring)
         sink = Sink(
             database_url,
             run_id,
-            settings.DB_ROW_BATCH_SIZE,
-            settings.DB_RETRY_TIMEOUT,
+            settings.sink.row_batch_size,
+            settings.sink.retry_timeout,
             on_flush=metrics.observe_flush if metrics else None,
             on_claim_lost=on_claim_lost,
         )
         if metrics:
             client.stats.on_request = metrics.observe_request
             client.stats.on_retry = metrics.observe_retry
-        workers = settings.API_MAX_WORKERS
+        workers = settings.scoring.max_workers
         return cls(
             client,
             sink,
             ThreadPoolExecutor(workers, thread_name_prefix="score"),
             stop,
-            api_batch_size=settings.API_BATCH_SIZE,
-            flush_interval=settings.DB_FLUSH_INTERVAL,
-            queue_size=queue_size_for(workers),
-            ratios=Ratios.of(settings) if ratios else None,
+            api_batch_size=settings.scoring.batch_size,
+            flush_interval=settings.sink.flush_interval,
+            queue_size=settings.scoring.writer_queue_size,
+            ratios=Ratios.of(settings.thresholds) if ratios else None,
             workers=workers,
         )
 

@@ -130,7 +130,9 @@ class PreparedChunk:
         check_aligned(self.chunk.valid, self.requests, self.copy_lines)
 
 
-def check_aligned(transactions: pl.DataFrame, requests: pl.DataFrame, copy_lines: pl.Series) -> None:
+def check_aligned(
+    transactions: pl.DataFrame, requests: pl.DataFrame, copy_lines: pl.Series
+) -> None:
     """A preparation that does not match its transactions row for row is a bug."""
     assert requests.height == transactions.height == copy_lines.len(), (
         f"prepared rows are not aligned: {transactions.height} transactions, "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from library import db
-from library.config import Settings
+from library.config import SinkSettings
 from library.db import database
 from library.errors import PipelineError
 from library.models import InvalidRow, SourceObject
@@ -57,12 +57,12 @@ class PlannedObject:
         }
 
 
-def embedded_exists(settings: Settings) -> bool:
-    return (settings.EMBEDDED_DB_DIR.expanduser() / "PG_VERSION").is_file()
+def embedded_exists(settings: SinkSettings) -> bool:
+    return (settings.embedded_dir.expanduser() / "PG_VERSION").is_file()
 
 
 def ledger_state(
-    settings: Settings, objects: list[SourceObject]
+    settings: SinkSettings, objects: list[SourceObject]
 ) -> tuple[dict[tuple[str, str], tuple[str, int]], str | None]:
     """{(uri, version): (status, checkpoint_line)} from source_objects, and a note when the
     ledger could not be read."""

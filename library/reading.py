@@ -14,6 +14,7 @@ from collections.abc import Generator
 from typing import Any
 
 from library import source
+from library.config import SourceSettings
 from library.models import SourceObject, ValidatedChunk
 from library.progress import LiveState, StageTimes
 from library.validate import validate_chunk
@@ -40,6 +41,12 @@ class ObjectReader:
         self.max_quoted_field_chars = max_quoted_field_chars
         self.times = times or StageTimes()
         self.live = live or LiveState()
+
+    @classmethod
+    def from_settings(
+        cls, settings: SourceSettings, s3_client: Any | None, live: LiveState | None = None
+    ) -> ObjectReader:
+        return cls(s3_client, settings.row_batch_size, settings.max_quoted_field_chars, live=live)
 
     def chunks(
         self, obj: SourceObject, resume_after_line: int = 1

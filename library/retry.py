@@ -83,7 +83,7 @@ def retry_failed(
     stop: StopSignal,
     make_flow: FlowFactory = ScoreAndWrite.from_settings,
 ) -> RunReport:
-    if not settings.ML_API_URL:
+    if not settings.scoring.url:
         raise ConfigError("ML_API_URL is required: set it or pass --ml-api-url http://host:port")
     label = "retry-failed" + (f" --run {run}" if run else "")
     with job_session(settings, time.time(), label, purpose="retry") as session:
@@ -99,10 +99,13 @@ def retry_failed(
         try:
             try:
                 wait_until_ready(
-                    flow.client.check_ready, settings.API_WAIT_READY, stop.event, lambda: stop.error
+                    flow.client.check_ready,
+                    settings.scoring.wait_ready,
+                    stop.event,
+                    lambda: stop.error,
                 )
                 flow.start()
-                for chunk in failed_chunks(session.url, run, settings.ROW_BATCH_SIZE):
+                for chunk in failed_chunks(session.url, run, settings.source.row_batch_size):
                     flow.feed(chunk)
             except Stopping:
                 pass

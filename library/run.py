@@ -18,11 +18,9 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from library import logs, source
-from library.config import Settings
-from library.db import database
+from library.config import Settings, SourceSettings, WorkerSettings
 from library.errors import (
     ConfigError,
     MissingColumnsError,
@@ -44,7 +42,7 @@ from library.session import JobSession, job_session
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunOptions", "RunReport", "StopSignal", "database", "run_pipeline"]
+__all__ = ["RunOptions", "RunReport", "StopSignal", "run_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -55,45 +53,38 @@ class RunOptions:
     migrate: bool = False  # apply pending migrations before running
 
 
-def s3_client_for(settings: Settings) -> Any | None:
-    if settings.SOURCE_URI and source.is_s3(settings.SOURCE_URI):
-        secret = settings.SECRET.get_secret_value() if settings.SECRET else None
-        return source.make_s3_client(settings.KEY, secret, settings.ENDPOINT_URL)
-    return None
-
-
-def worker_label(settings: Settings) -> str | None:
+def worker_label(settings: WorkerSettings) -> str | None:
     """A worker's label in the metrics: its index, or (docker compose --scale, which sets
     none) its host name; none for a group of one."""
-    if settings.RUN_GROUP is None:
+    if settings.run_group is None:
         return None
-    if settings.JOB_COMPLETION_INDEX is not None:
-        return str(settings.JOB_COMPLETION_INDEX)
+    if settings.index is not None:
+        return str(settings.index)
     return socket.gethostname()
 
 
 def require_run_settings(settings: Settings, options: RunOptions) -> None:
-    if not settings.SOURCE_URI:
+    if not settings.source.uri:
         raise ConfigError("SOURCE_URI is required: set it or pass --source s3://bucket/prefix/")
-    if not options.dry_run and not settings.ML_API_URL:
+    if not options.dry_run and not settings.scoring.url:
         raise ConfigError("ML_API_URL is required: set it or pass --ml-api-url http://host:port")
-    if not source.is_s3(settings.SOURCE_URI) and not Path(settings.SOURCE_URI).exists():
-        raise ConfigError(f"SOURCE_URI: no such file or folder: {settings.SOURCE_URI}")
+    if not source.is_s3(settings.source.uri) and not Path(settings.source.uri).exists():
+        raise ConfigError(f"SOURCE_URI: no such file or folder: {settings.source.uri}")
     if options.limit is not None and options.limit < 1:
         raise ConfigError("--limit must be at least 1")
 
 
-def check_found(objects: list[SourceObject], settings: Settings) -> None:
+def check_found(objects: list[SourceObject], settings: SourceSettings) -> None:
     """An empty listing: a nightly job that finds no input usually means a broken
     upstream, so say so, or fail the run if FAIL_ON_EMPTY_SOURCE is set."""
     if objects:
         return
     message = (
-        f"no objects found under {settings.SOURCE_URI}: no .csv, .csv.gz or .csv.zst there; "
+        f"no objects found under {settings.uri}: no .csv, .csv.gz or .csv.zst there; "
         "check SOURCE_URI and the upstream export"
     )
-    if settings.FAIL_ON_EMPTY_SOURCE:
-        raise SourceError(message + " (FAIL_ON_EMPTY_SOURCE is set)", settings.SOURCE_URI)
+    if settings.fail_on_empty:
+        raise SourceError(message + " (FAIL_ON_EMPTY_SOURCE is set)", settings.uri)
     log.warning("%s", message)
 
 
@@ -118,10 +109,6 @@ def read_errors(exc: SourceError) -> tuple[str, str]:
     return "failed", str(exc)
 
 
-def reader_for(settings: Settings, s3: Any | None, live: LiveState | None = None) -> ObjectReader:
-    return ObjectReader(s3, settings.ROW_BATCH_SIZE, settings.MAX_QUOTED_FIELD_CHARS, live=live)
-
-
 class ClaimLost(Exception):
     """Raised to the reader of an object that another run has claimed since."""
 
@@ -144,10 +131,10 @@ class Run:
         self.reporter: Reporter | None = None
         self.live = LiveState()
         self.metrics = RunMetrics(
-            settings.METRICS_JOB,
-            settings.PUSHGATEWAY_URL,
-            settings.METRICS_TEXTFILE,
-            worker=worker_label(settings),
+            settings.observability.metrics_job,
+            settings.observability.pushgateway_url,
+            settings.observability.metrics_textfile,
+            worker=worker_label(settings.worker),
         )
         self.objects_found: int | None = None
         self.group_outcome: tuple[bool, int] | None = None  # (finished by this worker, code)
@@ -173,20 +160,20 @@ class Run:
         with job_session(
             settings,
             self.started,
-            settings.SOURCE_URI,
+            settings.source.uri,
             migrate=self.options.migrate,
-            run_group=settings.RUN_GROUP,
-            worker_index=settings.JOB_COMPLETION_INDEX,
+            run_group=settings.worker.run_group,
+            worker_index=settings.worker.index,
         ) as session:
-            group = RunGroup(session.ledger, settings.RUN_GROUP, settings.JOB_COMPLETION_INDEX)
+            group = RunGroup(session.ledger, settings.worker.run_group, settings.worker.index)
             self.metrics.set_run(session.run_id)
             log.info("Starting batch pipeline")
             log.info("Pipeline Run ID: %s", session.run_id)
-            if settings.RUN_GROUP is not None:
+            if settings.worker.run_group is not None:
                 log.info(
                     "Run group %s, worker %d",
-                    settings.RUN_GROUP,
-                    settings.JOB_COMPLETION_INDEX or 0,
+                    settings.worker.run_group,
+                    settings.worker.index or 0,
                 )
             error: PipelineError | None = None
             try:
@@ -225,9 +212,9 @@ class Run:
 
     def _process(self, session: JobSession, group: RunGroup) -> None:
         settings, ledger, run_id = self.settings, session.ledger, session.run_id
-        source_uri = settings.SOURCE_URI
+        source_uri = settings.source.uri
         assert source_uri
-        s3 = s3_client_for(settings)
+        s3 = source.s3_client_for(settings.source)
         group.raise_if_stopped()  # a retried worker must not let bad input through
         objects = group.listing(
             source_uri, lambda: source.list_objects(source_uri, s3), self.options.limit
@@ -236,8 +223,8 @@ class Run:
         ledger.set_objects_total(run_id, len(objects))
         self.live.objects_total = len(objects)
         self.live.bytes_total = sum(o.size or 0 for o in objects)
-        log.info("Found %d object(s) under %s", len(objects), settings.SOURCE_URI)
-        check_found(objects, settings)
+        log.info("Found %d object(s) under %s", len(objects), settings.source.uri)
+        check_found(objects, settings.source)
         flow = self.make_flow(
             settings,
             session.url,
@@ -247,7 +234,7 @@ class Run:
             on_claim_lost=ledger.mark_lost,
         )
         self.flow = flow
-        reader = reader_for(settings, s3, self.live)
+        reader = ObjectReader.from_settings(settings.source, s3, self.live)
         reader.times = flow.times
 
         def publish_tick() -> None:
@@ -255,10 +242,13 @@ class Run:
             self.metrics.concurrency.set(flow.client.limiter.limit)
 
         # JSON logs are for a log pipeline: a live bar on stderr would be lines it cannot parse.
-        json_logs = settings.LOG_FORMAT == "json" and settings.PROGRESS == "auto"
+        json_logs = (
+            settings.observability.log_format == "json"
+            and settings.observability.progress == "auto"
+        )
         reporter = Reporter(
-            "log" if json_logs else settings.PROGRESS,
-            settings.PROGRESS_INTERVAL,
+            "log" if json_logs else settings.observability.progress,
+            settings.observability.progress_interval,
             self.live,
             lambda: flow.counts,
             self.metrics,
@@ -269,7 +259,7 @@ class Run:
         try:
             wait_until_ready(
                 flow.client.check_ready,
-                settings.API_WAIT_READY,
+                settings.scoring.wait_ready,
                 self.stop.event,
                 lambda: self.stop.error,
             )
@@ -289,7 +279,7 @@ class Run:
                 flow.finish()
             finally:
                 reporter.stop()
-        Ratios.of(settings).check(flow.counts, final=True)
+        Ratios.of(settings.thresholds).check(flow.counts, final=True)
 
     def _object(
         self,
@@ -356,7 +346,7 @@ class DryRun:
     def execute(self) -> RunReport:
         started = time.time()
         settings = self.settings
-        assert settings.SOURCE_URI
+        assert settings.source.uri
         run_id = "dry_run_" + datetime.now().strftime("%Y%m%d_%H%M%S")
         log.info("Starting batch pipeline (dry run: no API calls, no writes)")
         counts = Counts()
@@ -367,17 +357,17 @@ class DryRun:
         error: PipelineError | None = None
         found: int | None = None
         try:
-            s3 = s3_client_for(settings)
-            objects = source.list_objects(settings.SOURCE_URI, s3)
+            s3 = source.s3_client_for(settings.source)
+            objects = source.list_objects(settings.source.uri, s3)
             found = len(objects)
-            check_found(objects, settings)
+            check_found(objects, settings.source)
             if self.options.limit is not None:
                 objects = objects[: self.options.limit]
-            state, note = ledger_state(settings, objects)
+            state, note = ledger_state(settings.sink, objects)
             if note:
                 log.warning("Dry run: %s; every object is counted as to be read", note)
             plan = plan_objects(objects, state, self.options.reprocess)
-            reader = reader_for(settings, s3)
+            reader = ObjectReader.from_settings(settings.source, s3)
             for obj, planned in zip(objects, plan, strict=True):
                 if self.stop.is_set():
                     break
@@ -402,7 +392,7 @@ class DryRun:
                     log.error("Cannot read %s", outcome.error)
             if self.stop.error is not None:
                 raise self.stop.error
-            Ratios.of(settings).check(counts, final=True)
+            Ratios.of(settings.thresholds).check(counts, final=True)
         except (PipelineError, ThresholdExceededError) as exc:
             error = exc
         return build_report(
@@ -411,7 +401,7 @@ class DryRun:
             RunStats(counts=counts),
             outcomes,
             error,
-            settings.COMPLETED_WITH_ERRORS_EXIT_CODE,
+            settings.thresholds.completed_with_errors_exit_code,
             dry_run=True,
             objects_found=found,
             plan=plan,

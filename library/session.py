@@ -71,10 +71,10 @@ def open_ledger(
 ) -> Iterator[tuple[Ledger, str, str]]:
     """Database, schema check (the embedded one is migrated), and the ledger's connection."""
     with ExitStack() as stack:
-        url, shown = stack.enter_context(database(settings))
+        url, shown = stack.enter_context(database(settings.sink))
         logs.add_secrets(settings.secret_values() + url_secrets(url))
         conn = db.connect(url, f"batch-pipeline {purpose}")
-        ledger = Ledger(url, settings.DB_RETRY_TIMEOUT, conn=conn)
+        ledger = Ledger(url, settings.sink.retry_timeout, conn=conn)
         stack.callback(ledger.close)
         with db.classified("checking the schema"):
             if migrate or settings.database_url is None:
@@ -106,5 +106,10 @@ def job_session(
         ledger.start_heartbeat()
         logs.set_run(run_id)
         yield JobSession(
-            ledger, url, shown, run_id, started_at, settings.COMPLETED_WITH_ERRORS_EXIT_CODE
+            ledger,
+            url,
+            shown,
+            run_id,
+            started_at,
+            settings.thresholds.completed_with_errors_exit_code,
         )

@@ -38,7 +38,12 @@ from typing import IO, Any
 
 import polars as pl
 
-from library.config import DEFAULT_MAX_QUOTED_FIELD_CHARS
+from library.config import (
+    DEFAULT_MAX_QUOTED_FIELD_CHARS,
+    DEFAULT_S3_CONNECT_TIMEOUT,
+    DEFAULT_S3_MAX_ATTEMPTS,
+    SourceSettings,
+)
 from library.contract import REQUIRED_COLUMNS
 from library.errors import MissingColumnsError, SourceError, UnterminatedQuoteError
 from library.models import (
@@ -88,6 +93,12 @@ def is_csv_name(name: str) -> bool:
     return name.lower().endswith(CSV_SUFFIXES)
 
 
+def s3_client_for(settings: SourceSettings) -> Any | None:
+    if settings.uri and is_s3(settings.uri):
+        return make_s3_client(settings.key, settings.secret_value, settings.endpoint_url)
+    return None
+
+
 def make_s3_client(key: str | None, secret: str | None, endpoint_url: str | None) -> Any:
     import boto3
     from botocore.config import Config
@@ -99,7 +110,10 @@ def make_s3_client(key: str | None, secret: str | None, endpoint_url: str | None
         aws_access_key_id=key,
         aws_secret_access_key=secret,
         region_name=session.region_name or "us-east-1",
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10),
+        config=Config(
+            retries={"max_attempts": DEFAULT_S3_MAX_ATTEMPTS, "mode": "standard"},
+            connect_timeout=DEFAULT_S3_CONNECT_TIMEOUT,
+        ),
     )
 
 

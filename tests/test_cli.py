@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from library.config import Settings
+from library.config import ENV_NAMES
 from pipeline.batch.main import build_parser, flag_name
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -22,7 +22,7 @@ def subcommands() -> dict[str, object]:
 def test_every_setting_is_a_flag_of_run() -> None:
     run = subcommands()["run"]
     flags = {opt for a in run._actions for opt in a.option_strings}  # type: ignore[attr-defined]
-    for name in Settings.model_fields:
+    for name in ENV_NAMES:
         assert flag_name(name) in flags, name
     assert "--source" in flags
 
@@ -32,13 +32,13 @@ def test_flags_parse_into_settings() -> None:
 
     args = build_parser().parse_args(["run", "--source", "s3://b/p/", "--api-max-workers", "7"])
     s = settings_from(args)
-    assert s.SOURCE_URI == "s3://b/p/" and s.API_MAX_WORKERS == 7
+    assert s.source.uri == "s3://b/p/" and s.scoring.max_workers == 7
 
 
 def test_every_command_and_variable_is_in_the_readme() -> None:
     for command in subcommands():
         assert re.search(rf"batch-pipeline {command}\b", README), command
-    for name in Settings.model_fields:
+    for name in ENV_NAMES:
         assert f"`{name}`" in README, name
 
 
@@ -76,6 +76,8 @@ def test_the_readme_starts_the_model_servers_as_the_tests_do(tmp_path: Path) -> 
     runs = [line for line in block.splitlines() if "batch-pipeline run" in line]
     assert len(runs) == 2 and all("--reprocess" in line for line in runs)
     assert block.count("until python3 -c") == 2
+
+
 def help_of(command: str) -> str:
     parser = subcommands()[command]
     return parser.format_help()  # type: ignore[attr-defined,no-any-return]
@@ -85,7 +87,7 @@ def test_each_setting_is_in_exactly_one_group() -> None:
     from pipeline.batch.main import COMMAND_GROUPS, SETTING_GROUPS
 
     grouped = [name for names in SETTING_GROUPS.values() for name in names]
-    assert sorted(grouped) == sorted(Settings.model_fields)
+    assert sorted(grouped) == sorted(ENV_NAMES)
     assert set(COMMAND_GROUPS) == set(subcommands()) - {"model-server", "schema"}
     for groups in COMMAND_GROUPS.values():
         assert set(groups) <= set(SETTING_GROUPS)
@@ -118,3 +120,37 @@ def test_version_and_run_id_are_documented(capsys: pytest.CaptureFixture[str]) -
     assert "RUN_ID: each run's id, batch_YYYYMMDD_HHMMSS" in top
     assert "batch_YYYYMMDD_HHMMSS" in help_of("status")
     assert "`RUN_ID`" in README and "batch_YYYYMMDD_HHMMSS" in README
+
+
+def test_every_command_has_one_handler() -> None:
+    from pipeline.batch.main import COMMAND_GROUPS, COMMANDS, STANDALONE
+
+    assert set(COMMANDS) | set(STANDALONE) == set(subcommands())
+    assert not set(COMMANDS) & set(STANDALONE)
+    assert set(COMMANDS) == set(COMMAND_GROUPS)  # those that read settings list theirs
+
+
+def test_tables_off_a_terminal_are_plain_unwrapped_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped or captured, a table is `a | b` lines under a `-+-` rule, one line per row at
+    any length, and a cell is never taken for rich markup."""
+    from pipeline.batch.render import print_table
+
+    long_uri = "s3://bucket/" + "x" * 300 + ".csv"
+    print_table(["run_id", "source"], [("batch_1", long_uri), ("[bold]b[/bold]", None)])
+    lines = capsys.readouterr().out.splitlines()
+    width = len("[bold]b[/bold]")
+    assert lines == [
+        "run_id".ljust(width) + " | " + "source".ljust(len(long_uri)),
+        "-" * width + "-+-" + "-" * len(long_uri),
+        "batch_1".ljust(width) + " | " + long_uri,
+        "[bold]b[/bold] | " + " " * len(long_uri),
+        "(2 rows)",
+    ]
+
+
+def test_summary_lines_off_a_terminal_are_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.batch.render import print_labelled
+
+    lines = ["run_id:        batch_1 [dry]", "plan:          read a.csv", "               b.csv"]
+    print_labelled(lines)
+    assert capsys.readouterr().out.splitlines() == lines

@@ -4,32 +4,49 @@ from __future__ import annotations
 
 import pytest
 
-from library.config import Settings, load_settings, redact_url, url_secrets
+from library.config import (
+    ENV_FIELDS,
+    Settings,
+    load_settings,
+    misspelt_variables,
+    redact_url,
+    url_secrets,
+)
 from library.errors import ConfigError
 
 
 def test_defaults_are_the_contracts() -> None:
     s = load_settings(environ={})
-    assert (s.ROW_BATCH_SIZE, s.API_BATCH_SIZE, s.API_MAX_WORKERS, s.DB_ROW_BATCH_SIZE) == (
+    assert (
+        s.source.row_batch_size,
+        s.scoring.batch_size,
+        s.scoring.max_workers,
+        s.sink.row_batch_size,
+    ) == (
         5000,
         100,
         5,
         1000,
     )
-    assert (s.API_TIMEOUT, s.API_MAX_RETRIES, s.MAX_INVALID_RATIO, s.MAX_FAILED_RATIO) == (
+    assert (
+        s.scoring.timeout,
+        s.scoring.max_retries,
+        s.thresholds.max_invalid_ratio,
+        s.thresholds.max_failed_ratio,
+    ) == (
         30,
         5,
         0.05,
         0.01,
     )
-    assert s.DATABASE_URL is None
+    assert s.sink.url is None
 
 
 def test_flags_override_the_environment() -> None:
     s = load_settings(
         {"API_MAX_WORKERS": "9"}, environ={"API_MAX_WORKERS": "2", "ROW_BATCH_SIZE": "10"}
     )
-    assert (s.API_MAX_WORKERS, s.ROW_BATCH_SIZE) == (9, 10)
+    assert (s.scoring.max_workers, s.source.row_batch_size) == (9, 10)
 
 
 @pytest.mark.parametrize(
@@ -152,10 +169,106 @@ def test_database_url_libpq_would_misread_is_refused_without_echo(
 
 def test_ml_api_url_credentials_stay_redacted() -> None:
     s = load_settings(environ={"ML_API_URL": "http://svc:p%40ss%3Aword@h:8000/base"})
-    assert s.ML_API_URL and redact_url(s.ML_API_URL) == "http://svc:***@h:8000/base"
+    assert s.scoring.url and redact_url(s.scoring.url) == "http://svc:***@h:8000/base"
     assert {"p%40ss%3Aword", "p@ss:word"} <= set(s.secret_values())
 
 
 def test_every_setting_is_documented() -> None:
-    for name, info in Settings.model_fields.items():
-        assert info.description, name
+    for name, field in ENV_FIELDS.items():
+        assert field.info.description, name
+
+
+def test_each_stage_reads_its_group_by_the_contracts_names() -> None:
+    """Every variable keeps its name (the alias) and lands in one group, as a pythonic field."""
+    s = load_settings(
+        environ={
+            "SOURCE_URI": "s3://b/p/",
+            "API_TIMEOUT": "7",
+            "DB_ROW_BATCH_SIZE": "50",
+            "MAX_FAILED_RATIO": "0.2",
+            "LOG_FORMAT": "JSON",
+            "RUN_GROUP": "g1",
+            "JOB_COMPLETION_INDEX": "3",
+        }
+    )
+    assert s.source.uri == "s3://b/p/" and s.scoring.timeout == 7
+    assert s.sink.row_batch_size == 50 and s.thresholds.max_failed_ratio == 0.2
+    assert s.observability.log_format == "json"
+    assert (s.worker.run_group, s.worker.index) == ("g1", 3)
+    assert [ENV_FIELDS[n].path for n in ("API_TIMEOUT", "EMBEDDED_DB_DIR")] == [
+        "scoring.timeout",
+        "sink.embedded_dir",
+    ]
+    assert s.redacted()["API_TIMEOUT"] == 7 and set(s.redacted()) == set(ENV_FIELDS)
+    assert s.value("DB_ROW_BATCH_SIZE") == 50
+
+
+def test_the_root_is_pydantic_settings_reading_the_flat_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`Settings()` reads the process environment by the flat names (not pydantic-settings'
+    SCORING__TIMEOUT); keyword arguments win over it."""
+    monkeypatch.setenv("API_TIMEOUT", "9")
+    monkeypatch.setenv("SCORING", "not json")  # a group's name is not a variable of ours
+    monkeypatch.setenv("MAX_FAILED_RATIO", "0.3")
+    s = Settings(MAX_FAILED_RATIO=0.4)  # type: ignore[call-arg]
+    assert s.scoring.timeout == 9 and s.thresholds.max_failed_ratio == 0.4
+
+
+def test_a_rule_across_settings_names_them() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(environ={"API_RETRY_BACKOFF": "5", "API_RETRY_BACKOFF_MAX": "1"})
+    assert str(err.value) == (
+        "invalid configuration: API_RETRY_BACKOFF_MAX must be >= API_RETRY_BACKOFF"
+    )
+    with pytest.raises(ConfigError, match="MODEL_NAME is required with ML_API_PROTOCOL=v2"):
+        load_settings(environ={"ML_API_PROTOCOL": "v2"})
+
+
+def test_updated_validates_again_and_keeps_secrets() -> None:
+    s = load_settings(environ={"DATABASE_URL": "postgresql://u:pw1234@db/x", "SECRET": "s3cr3t"})
+    demo = s.updated({"SOURCE_URI": "/tmp/demo", "ML_API_URL": "http://127.0.0.1:1/"})
+    assert demo.source.uri == "/tmp/demo" and demo.scoring.url == "http://127.0.0.1:1"
+    assert demo.database_url == "postgresql://u:pw1234@db/x"
+    assert demo.source.secret_value == "s3cr3t"
+    with pytest.raises(ConfigError, match="API_MAX_WORKERS"):
+        s.updated({"API_MAX_WORKERS": 0})
+
+
+def test_misspelt_variables_are_named_with_the_likely_one() -> None:
+    env = {
+        "API_MAX_WORKER": "9",
+        "DB_ROW_BATCH": "10",
+        "ML_API_ULR": "http://h",
+        "LOG_LEVL": "DEBUG",
+        "API_MAX_WORKERS": "5",  # ours, spelt right
+        # Not ours, even when alike: other prefixes, and Kubernetes' service variables.
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "PGPASSWORD": "x",
+        "PATH": "/bin",
+        "SECRETS": "x",
+        "ML_API_PORT": "tcp://10.0.0.1:8000",
+        "PUSHGATEWAY_PORT": "tcp://10.0.0.2:9091",
+        "PUSHGATEWAY_SERVICE_HOST": "10.0.0.2",
+        "PUSHGATEWAY_PORT_9091_TCP_ADDR": "10.0.0.2",
+        "API_KEY_FILE": "/run/key",  # our prefix, but like none of ours
+    }
+    assert misspelt_variables(env) == [
+        ("API_MAX_WORKER", "API_MAX_WORKERS"),
+        ("DB_ROW_BATCH", "DB_ROW_BATCH_SIZE"),
+        ("LOG_LEVL", "LOG_LEVEL"),
+        ("ML_API_ULR", "ML_API_URL"),
+    ]
+
+
+def test_the_cli_warns_of_a_misspelt_variable_at_start(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.batch.main import main
+
+    monkeypatch.setenv("API_MAX_WORKER", "9")
+    monkeypatch.setenv("PGPASSWORD", "not-a-typo")
+    assert main(["runs", "--limit", "0"]) == 2  # stops before any database work
+    err = capfd.readouterr().err
+    assert "API_MAX_WORKER is set but is not a setting: did you mean API_MAX_WORKERS?" in err
+    assert "PGPASSWORD" not in err

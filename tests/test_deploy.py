@@ -31,7 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
-from library.config import Settings, load_settings
+from library.config import ENV_FIELDS, ENV_NAMES, load_settings
 from library.metrics import RunMetrics
 from library.models import Counts
 from library.reference_model import make_server
@@ -53,7 +53,7 @@ DOCS = ROOT / "docs" / "deployment.md"
 # --scale batch=4 batch`), so it is the one setting the batch service takes from the shell.
 NOT_IN_CONTAINER = {"EMBEDDED_DB_DIR", "JOB_COMPLETION_INDEX", "RUN_GROUP"}
 PER_LAUNCH = {"RUN_GROUP"}
-JOB_SETTINGS = [name for name in Settings.model_fields if name not in NOT_IN_CONTAINER]
+JOB_SETTINGS = [name for name in ENV_NAMES if name not in NOT_IN_CONTAINER]
 SECRET_SETTINGS = {"KEY", "SECRET", "DATABASE_URL"}
 COMPOSE_ONLY = {
     "BUCKET",
@@ -361,9 +361,7 @@ def test_batch_takes_every_setting_from_env_file(services: dict[str, Any]) -> No
         env = environment(service)
         # Only the stack's credentials are interpolated, no setting of the job.
         assert set(env) >= CREDENTIALS, name
-        assert not set(env) & set(Settings.model_fields) - PER_LAUNCH, (
-            f"{name} interpolates a setting"
-        )
+        assert not set(env) & set(ENV_NAMES) - PER_LAUNCH, f"{name} interpolates a setting"
         assert set(env) - CREDENTIALS <= {"NIGHTLY_AT", *PER_LAUNCH}
         job = container_environment(service, example)
         missing = set(JOB_SETTINGS) - set(job)
@@ -375,7 +373,7 @@ def test_shell_variables_cannot_reach_the_job_settings(services: dict[str, Any])
     the shell; compose gives the shell precedence over .env only through ${VAR}."""
     for name in ("batch", "nightly"):
         used = set().union(*(referenced_variables(text) for text in strings(services[name])))
-        assert not used & set(Settings.model_fields) - PER_LAUNCH, f"{name} interpolates {used}"
+        assert not used & set(ENV_NAMES) - PER_LAUNCH, f"{name} interpolates {used}"
         shell = {
             "ML_API_URL": "http://localhost:8000",
             "DATABASE_URL": "postgresql://me@localhost:5432/transactions",
@@ -388,11 +386,11 @@ def test_shell_variables_cannot_reach_the_job_settings(services: dict[str, Any])
         job = load_settings(
             environ=container_environment(services[name], read_env_file(ENV_EXAMPLE), shell)
         )
-        assert job.ML_API_URL == "http://ml-api:8000"
+        assert job.scoring.url == "http://ml-api:8000"
         assert job.database_url == "postgresql://batch@postgres:5432/transactions"
-        assert job.ENDPOINT_URL == "http://minio:9000"
-        assert job.SOURCE_URI == "s3://transactions/incoming/"
-        assert (job.KEY, job.SECRET, job.API_MAX_WORKERS) == (None, None, 5)
+        assert job.source.endpoint_url == "http://minio:9000"
+        assert job.source.uri == "s3://transactions/incoming/"
+        assert (job.source.key, job.source.secret, job.scoring.max_workers) == (None, None, 5)
 
 
 def test_compose_defaults_are_the_settings_defaults_pointed_at_the_stack(
@@ -400,13 +398,18 @@ def test_compose_defaults_are_the_settings_defaults_pointed_at_the_stack(
 ) -> None:
     env = container_environment(services["batch"], read_env_file(ENV_EXAMPLE))
     settings = load_settings(environ=env)
-    assert settings == Settings(
-        SOURCE_URI="s3://transactions/incoming/",
-        ENDPOINT_URL="http://minio:9000",
-        DATABASE_URL="postgresql://batch@postgres:5432/transactions",  # type: ignore[arg-type]
-        ML_API_URL="http://ml-api:8000",
+    assert settings == load_settings(
+        environ={
+            "SOURCE_URI": "s3://transactions/incoming/",
+            "ENDPOINT_URL": "http://minio:9000",
+            "DATABASE_URL": "postgresql://batch@postgres:5432/transactions",
+            "ML_API_URL": "http://ml-api:8000",
+        }
     )
-    assert settings.PUSHGATEWAY_URL is None and settings.COMPLETED_WITH_ERRORS_EXIT_CODE == 3
+    assert (
+        settings.observability.pushgateway_url is None
+        and settings.thresholds.completed_with_errors_exit_code == 3
+    )
     assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("minioadmin", "minioadmin")
     assert env["PGPASSWORD"] == "batch"
 
@@ -463,11 +466,14 @@ def test_the_stack_shares_one_set_of_credentials(services: dict[str, Any]) -> No
     )
     job = load_settings(environ=env)
     assert job.database_url == "postgresql://etl@postgres:5432/scoring"
-    assert (job.KEY, job.SECRET) == (None, None)  # so boto3 reads AWS_ACCESS_KEY_ID / ...
+    assert (job.source.key, job.source.secret) == (
+        None,
+        None,
+    )  # so boto3 reads AWS_ACCESS_KEY_ID / ...
     # A KEY / SECRET / DATABASE_URL of their own in .env win over the stack's.
     own = {**dotenv, "KEY": "k", "SECRET": "s", "DATABASE_URL": "postgresql://a:b@db/x"}
     job = load_settings(environ=container_environment(services["batch"], own))
-    assert (job.KEY, job.database_url) == ("k", "postgresql://a:b@db/x")
+    assert (job.source.key, job.database_url) == ("k", "postgresql://a:b@db/x")
 
 
 @pytest.fixture(scope="module")
@@ -699,12 +705,12 @@ def test_env_example_documents_each_variable() -> None:
 def test_env_example_values_are_the_defaults() -> None:
     example = read_env_file(ENV_EXAMPLE)
     stack = {"SOURCE_URI", "ENDPOINT_URL", "DATABASE_URL", "ML_API_URL"}
-    defaults = Settings()
+    defaults = load_settings(environ={})
     for name in set(JOB_SETTINGS) - stack:
         given = load_settings(environ={name: example[name]})
-        assert getattr(given, name) == getattr(defaults, name), name
+        assert given.value(name) == defaults.value(name), name
         if not example[name]:
-            assert Settings.model_fields[name].default is None, f"{name} is empty"
+            assert ENV_FIELDS[name].info.default is None, f"{name} is empty"
 
 
 # -- Dockerfile ---------------------------------------------------------------------
@@ -872,7 +878,7 @@ def test_cronjob_takes_secrets_from_a_secret_only() -> None:
 def test_cronjob_sets_only_real_settings() -> None:
     configmap = load_yaml(CONFIGMAP)
     names = set(configmap["data"]) | {item["name"] for item in cronjob_container()["env"]}
-    known = set(Settings.model_fields)
+    known = set(ENV_NAMES)
     assert names <= known, f"unknown settings: {sorted(names - known)}"
     # The ConfigMap alone (with placeholder secrets) is a valid configuration.
     placeholders = {"KEY": "k", "SECRET": "s", "DATABASE_URL": "postgresql://u:p@db/transactions"}
@@ -908,7 +914,7 @@ def test_cronjob_counts_a_night_with_errors_as_a_success() -> None:
     settings = load_settings(
         environ={**configmap["data"], "DATABASE_URL": "postgresql://u@db/transactions"}
     )
-    assert settings.COMPLETED_WITH_ERRORS_EXIT_CODE == 0
+    assert settings.thresholds.completed_with_errors_exit_code == 0
     rules = load_yaml(CRONJOB)["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     (fail_job,) = [r for r in rules if r["action"] == "FailJob"]
     assert fail_job["onExitCodes"] == {
@@ -941,12 +947,17 @@ def test_alert_on_failed_ratio() -> None:
     assert 'batch_pipeline_rows_total{job="batch-pipeline", outcome="failed"}' in expr
     assert 'batch_pipeline_rows_total{job="batch-pipeline", outcome="valid"}' in expr
     threshold = re.search(r"\)\s*>\s*([0-9.]+)", expr)
-    assert threshold and float(threshold.group(1)) == Settings().MAX_FAILED_RATIO
+    assert (
+        threshold
+        and float(threshold.group(1)) == load_settings(environ={}).thresholds.max_failed_ratio
+    )
 
 
 def test_alerts_use_the_metrics_the_job_produces(tmp_path: Path) -> None:
     textfile = tmp_path / "batch.prom"
-    metrics = RunMetrics(Settings().METRICS_JOB, None, textfile, run_id="batch_1")
+    metrics = RunMetrics(
+        load_settings(environ={}).observability.metrics_job, None, textfile, run_id="batch_1"
+    )
     metrics.set_counts(Counts(100, 90, 10, 88, 2))
     metrics.set_objects_found(0)
     metrics.publish("failed")
@@ -964,7 +975,7 @@ def test_alerts_use_the_metrics_the_job_produces(tmp_path: Path) -> None:
             assert any(wanted.items() <= labels.items() for labels in produced[name]), (
                 f"{rule['alert']}: no {name} sample with {wanted}"
             )
-    assert Settings().METRICS_JOB == "batch-pipeline"
+    assert load_settings(environ={}).observability.metrics_job == "batch-pipeline"
 
 
 # -- docs ---------------------------------------------------------------------------

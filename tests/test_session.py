@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from library.config import Settings, load_settings, redact_url
-from library.flow import ScoreAndWrite, StopSignal, queue_size_for
+from library.flow import ScoreAndWrite, StopSignal
 from library.metrics import RunMetrics
 from library.models import SourceObject
 from library.reading import ObjectReader
@@ -58,16 +58,16 @@ def flow_with(client: FakeClient) -> Any:
     ) -> ScoreAndWrite:
         from library.flow import Ratios
 
-        sink = Sink(url, run_id, 50, settings.DB_RETRY_TIMEOUT, on_claim_lost=on_claim_lost)
+        sink = Sink(url, run_id, 50, settings.sink.retry_timeout, on_claim_lost=on_claim_lost)
         return ScoreAndWrite(
             client,  # type: ignore[arg-type]
             sink,
             ThreadPoolExecutor(2),
             stop,
-            api_batch_size=settings.API_BATCH_SIZE,
-            flush_interval=settings.DB_FLUSH_INTERVAL,
-            queue_size=queue_size_for(2),
-            ratios=Ratios.of(settings) if ratios else None,
+            api_batch_size=settings.scoring.batch_size,
+            flush_interval=settings.sink.flush_interval,
+            queue_size=settings.scoring.writer_queue_size,
+            ratios=Ratios.of(settings.thresholds) if ratios else None,
             workers=2,
         )
 

@@ -53,7 +53,7 @@ import polars as pl
 import tenacity
 import urllib3
 
-from library.config import redact_url
+from library.config import DEFAULT_HEALTH_TIMEOUT, redact_url
 from library.errors import (
     ApiError,
     ApiUnavailableError,
@@ -78,7 +78,6 @@ TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     http.client.HTTPException,
     OSError,
 )
-HEALTH_TIMEOUT_SECONDS = 10.0  # one GET of the health endpoint, the whole answer
 OUTAGE_PROBE_MAX_SECONDS = 5.0  # longest wait between two probes of a service that is down
 
 
@@ -251,10 +250,10 @@ class ScoringClient:
     def check_ready(self) -> None:
         """GET the health endpoint once; raise ApiUnavailableError unless it answers 2xx."""
         url = self.base_url + self.codec.health_path
-        with self._watchdog.bound(HEALTH_TIMEOUT_SECONDS) as bound:
+        with self._watchdog.bound(DEFAULT_HEALTH_TIMEOUT) as bound:
             try:
                 response = self._pool.request(
-                    "GET", url, timeout=urllib3.Timeout(total=HEALTH_TIMEOUT_SECONDS)
+                    "GET", url, timeout=urllib3.Timeout(total=DEFAULT_HEALTH_TIMEOUT)
                 )
             except TRANSPORT_ERRORS as exc:
                 problem = "timed out" if bound.expired else describe_transport_error(exc)

@@ -18,7 +18,7 @@ from library.score.codecs_v2 import V2Codec
 from library.score.protocol import EVENT_TIME_FORMAT, Codec, MalformedResponse, check_score
 
 if TYPE_CHECKING:
-    from library.config import Settings
+    from library.config import ScoringSettings
 
 PAYLOAD_COLUMN = "payload"  # the request rows' one column: each row's JSON object
 
@@ -94,14 +94,14 @@ class NativeCodec:
         return out
 
 
-def make_codec(settings: Settings) -> Codec:
+def make_codec(settings: ScoringSettings) -> Codec:
     """The codec of ML_API_PROTOCOL."""
-    if settings.ML_API_PROTOCOL == "mlflow":
-        assert settings.MODEL_VERSION  # enforced by Settings
-        mlflow: Codec = MlflowCodec(settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
+    if settings.protocol == "mlflow":
+        assert settings.model_version  # enforced by ScoringSettings
+        mlflow: Codec = MlflowCodec(settings.model_version, settings.fraud_threshold)
         return mlflow
-    if settings.ML_API_PROTOCOL == "v2":
-        assert settings.MODEL_NAME  # enforced by Settings
-        v2: Codec = V2Codec(settings.MODEL_NAME, settings.MODEL_VERSION, settings.FRAUD_THRESHOLD)
+    if settings.protocol == "v2":
+        assert settings.model_name  # enforced by ScoringSettings
+        v2: Codec = V2Codec(settings.model_name, settings.model_version, settings.fraud_threshold)
         return v2
     return NativeCodec()

@@ -1,5 +1,7 @@
 """`batch-pipeline`: the command line. Parses, loads settings, calls the library,
-and turns the outcome into a message and an exit code (contract, section 5).
+renders what it returns (pipeline/batch/render.py) and turns the outcome into an
+exit code (contract, section 5). `COMMANDS` maps each command to its handler; a
+handler does no database or file work of its own.
 
 Every setting is an environment variable and a flag of the same name
 (`API_MAX_WORKERS` -> `--api-max-workers`); flags win.
@@ -13,15 +15,19 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-import orjson
-import psycopg
-
-from library import db, logs
-from library.config import Settings, client_secrets, load_settings
+from library import logs
+from library.config import (
+    ENV_FIELDS,
+    ENV_NAMES,
+    Settings,
+    client_secrets,
+    load_settings,
+    misspelt_variables,
+)
 from library.contract import SCHEMAS
 from library.errors import (
     EXIT_FAILED,
@@ -31,8 +37,8 @@ from library.errors import (
     ConfigError,
     InterruptedRun,
     PipelineError,
-    SchemaNotReadyError,
 )
+from pipeline.batch import render
 
 log = logging.getLogger("batch_pipeline")
 
@@ -115,13 +121,12 @@ COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    fields = Settings.model_fields
     for group_name in COMMAND_GROUPS[command]:
         group = parser.add_argument_group(
             f"{group_name} settings (each also an environment variable)"
         )
         for name in SETTING_GROUPS[group_name]:
-            info = fields[name]
+            info = ENV_FIELDS[name].info
             default = info.get_default(call_default_factory=True)
             shown = "none" if default is None else default
             secret = (
@@ -276,50 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {name: getattr(args, name, None) for name in Settings.model_fields}
+    overrides = {name: getattr(args, name, None) for name in ENV_NAMES}
     return load_settings(overrides)
 
 
 # Threads waiting on sockets (scoring workers, the writer) must get the GIL back
 # quickly from the CPU-bound reader: at the default 5 ms each answer waits up to 5 ms.
 SWITCH_INTERVAL_SECONDS = 0.001
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `run --workers N`
-    if args.command == "schema":
-        return cmd_schema(args)
-    try:
-        if args.command == "model-server":
-            return cmd_model_server(args)
-        settings = settings_from(args)
-    except ConfigError as exc:
-        print(f"batch-pipeline: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    secrets = settings.secret_values() + client_secrets()
-    logs.setup_logging(settings.LOG_LEVEL, secrets, settings.LOG_FORMAT)
-    handlers = {
-        "run": cmd_run,
-        "check": cmd_check,
-        "migrate": cmd_migrate,
-        "retry-failed": cmd_retry_failed,
-        "status": cmd_status,
-        "runs": cmd_runs,
-        "report": cmd_report,
-        "demo": cmd_demo,
-        "query": cmd_query,
-    }
-    handler = handlers.get(args.command)
-    if handler is None:
-        parser.error(f"unknown command {args.command}")
-    try:
-        return handler(args, settings)
-    except PipelineError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
 
 
 def install_signal_handlers(stop: Any) -> None:
@@ -338,6 +306,19 @@ def install_signal_handlers(stop: Any) -> None:
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
+
+
+def json_logs(settings: Settings) -> bool:
+    return settings.observability.log_format == "json"
+
+
+def log_outcome(report: Any) -> None:
+    """The run's error, logged once on stderr before the summary that points to it."""
+    if report.error:
+        log.error("Run %s %s: %s", report.run_id, report.status, report.error)
+
+
+# -- the handlers: call the library, render, return the exit code ---------------------------
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -359,108 +340,14 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     install_signal_handlers(stop)
     report = run_pipeline(settings, options, stop)
     c = report.counts
-    if report.error:
-        log.error("Run %s %s: %s", report.run_id, report.status, report.error)
+    log_outcome(report)
     if not report.dry_run and c.valid:
         log.info("Successfully wrote %d transactions to database", c.valid)
     log.info(
         "Pipeline complete: %d processed, %d failed, %d invalid", c.scored, c.failed, c.invalid
     )
-    print_summary(report, settings)
+    render.print_summary(report, json_logs(settings), settings.source.uri)
     return report.exit_code
-
-
-ALL_SKIPPED_NOTE = (
-    "every object was skipped: already completed at this version; "
-    "use --reprocess to read them again"
-)
-
-
-def summary_notes(report: Any, retry: bool = False) -> list[str]:
-    """What a user should know about a run that did no work, instead of tuning advice."""
-    if retry:
-        done_nothing = report.counts.read == 0 and report.status == "completed"
-        return ["nothing to score again: no unresolved failure"] if done_nothing else []
-    statuses = [o.status for o in report.objects]
-    if statuses and all(s == "skipped" for s in statuses):
-        return [ALL_SKIPPED_NOTE]
-    if statuses and all(s in ("skipped", "locked") for s in statuses):
-        return ["no object was read: each was completed already or held by another run"]
-    if not statuses and report.status != "failed" and report.counts.read == 0:
-        return ["no object to read under SOURCE_URI"] if not report.dry_run else []
-    return []
-
-
-def plan_lines(report: Any) -> list[str]:
-    """A dry run's plan (read, skip, resume each object) and its invalid rows by reason."""
-    lines = [f"plan:          {report.plan_note}"] if report.plan_note else []
-    label = "plan:          "
-    for planned in report.plan or []:
-        lines.append(label + planned.describe())
-        label = " " * len(label)
-    label = "invalid:       "
-    for reason in report.invalid_reasons.lines() if report.invalid_reasons else []:
-        lines.append(label + reason)
-        label = " " * len(label)
-    return lines
-
-
-def did_work(report: Any) -> bool:
-    """A run that read rows and ended normally: only then do its stage times say anything."""
-    return report.counts.read > 0 and report.status in ("completed", "completed_with_errors")
-
-
-def print_summary(report: Any, settings: Settings, retry: bool = False) -> None:
-    """The end-of-run summary on stdout: text lines, or one JSON event with LOG_FORMAT=json.
-
-    The error itself is logged once, on stderr, before the summary; the summary
-    says the run failed and points there."""
-    s = report.summary()
-    notes = summary_notes(report, retry)
-    if settings.LOG_FORMAT == "json":
-        s["notes"] = notes
-        s["database"] = report.database
-        if not did_work(report) and s.get("stage_times"):
-            s["stage_times"].pop("limited_by", None)
-        level = "ERROR" if report.status == "failed" else "INFO"
-        print(logs.json_event("Run summary", level, run_id=s["run_id"], summary=s), flush=True)
-        return
-    rows = s["rows"]
-    objects = ", ".join(f"{n} {k}" for k, n in sorted(s["objects"].items())) or "none"
-    if s.get("objects_found") == 0:
-        objects = f"none found under {settings.SOURCE_URI or 'SOURCE_URI'}"
-    status = f"{s['status']} (exit {s['exit_code']})"
-    if s["error"]:
-        status += ": the error is logged above"
-    lines = [
-        f"run_id:        {s['run_id']}{' (dry run)' if s['dry_run'] else ''}",
-        f"status:        {status}",
-        f"rows:          {rows['read']} read, {rows['valid']} valid, {rows['invalid']} invalid, "
-        f"{rows['scored']} scored, {rows['failed']} failed",
-        f"objects:       {objects}",
-        f"time:          {s['seconds']:.1f}s ({s['rows_per_second']:.0f} rows/s)",
-    ]
-    lines.extend(f"note:          {note}" for note in notes)
-    if report.dry_run:
-        lines.extend(plan_lines(report))
-    if s["model_version"]:
-        lines.append(f"model_version: {s['model_version']}")
-    if s.get("api_requests"):
-        lines.append(f"api requests:  {s['api_requests']} ({s['api_retries']} retries)")
-    if s.get("concurrency") and s.get("api_requests"):
-        c = s["concurrency"]
-        if c["mode"] == "adaptive":
-            lines.append(
-                f"concurrency:   adaptive, settled at {c['settled']} (ceiling {c['ceiling']}, "
-                f"average {c['average']}, {c['decreases']} decreases)"
-            )
-        else:
-            lines.append(f"concurrency:   fixed at {c['ceiling']}")
-    if report.stage_times is not None and report.counts.read > 0:
-        lines.extend(report.stage_times.lines(advise=did_work(report)))
-    if report.database:
-        lines.append(f"database:      {report.database}")
-    print("\n".join(lines), flush=True)
 
 
 def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
@@ -470,73 +357,47 @@ def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
     stop = StopSignal()
     install_signal_handlers(stop)
     report = retry_failed(settings, args.run, stop)
-    c = report.counts
-    if report.error:
-        log.error("Run %s %s: %s", report.run_id, report.status, report.error)
-    log.info("Retry complete: %d scored, %d still failing", c.scored, c.failed)
-    print_summary(report, settings, retry=True)
+    log_outcome(report)
+    log.info(
+        "Retry complete: %d scored, %d still failing", report.counts.scored, report.counts.failed
+    )
+    render.print_summary(report, json_logs(settings), settings.source.uri, retry=True)
     return report.exit_code
 
 
-def read_only(settings: Settings, action: Any) -> Any:
-    """Run `action(conn)` on the database in a read-only transaction.
-
-    The embedded database is migrated first, as `run` does, so a command run before
-    any `run` finds an empty history instead of a schema error."""
-    from library.run import database
-
-    with database(settings) as (url, shown):
-        conn = db.connect(url, "batch-pipeline read")
-        try:
-            with db.classified("reading the ledger"):
-                if settings.database_url is None:
-                    db.migrate(conn)
-                pending = db.pending_migrations(conn)
-            if pending:
-                raise SchemaNotReadyError(
-                    f"the database at {shown} is not migrated (pending: "
-                    f"{', '.join(m.script for m in pending)}); run `batch-pipeline migrate` first"
-                )
-            with db.classified("reading the ledger"), conn.transaction():
-                conn.execute("SET TRANSACTION READ ONLY")
-                return action(conn)
-        finally:
-            conn.close()
-
-
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from library.reports import render_status, run_status
+    from library import admin
+    from library.reports import render_group_status, render_status
 
     if args.group:
-        from library.reports import group_status, render_group_status
-
-        group = read_only(settings, lambda c: group_status(c, args.group))
+        group = admin.group_status(settings.sink, args.group)
         if args.format == "json":
-            print(orjson.dumps(group, default=str, option=orjson.OPT_INDENT_2).decode())
+            render.print_json(group)
         else:
-            print(render_group_status(group))
+            render.print_text(render_group_status(group))
         return int(group["exit_code"])  # the group's code, for schedulers
 
-    status = read_only(settings, lambda c: run_status(c, args.run_id))
+    status = admin.run_status(settings.sink, args.run_id)
     if args.format == "json":
-        print(orjson.dumps(status, default=str, option=orjson.OPT_INDENT_2).decode())
+        render.print_json(status)
     else:
-        print(render_status(status))
+        render.print_text(render_status(status))
     return 0
 
 
 def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
-    from library.history import TEXT_COLUMNS, recent_runs, text_rows
+    from library import admin
+    from library.history import TEXT_COLUMNS, text_rows
 
     if args.limit < 1:
         raise ConfigError("--limit must be at least 1")
-    runs = read_only(settings, lambda c: recent_runs(c, args.limit))
+    runs = admin.recent_runs(settings.sink, args.limit)
     if args.format == "json":
-        print(orjson.dumps(runs, default=str, option=orjson.OPT_INDENT_2).decode())
+        render.print_json(runs)
     elif not runs:
-        print("no run recorded yet")
+        render.print_text("no run recorded yet")
     else:
-        print_table(list(TEXT_COLUMNS), text_rows(runs), count=False)
+        render.print_table(TEXT_COLUMNS, text_rows(runs), count=False)
     return 0
 
 
@@ -545,14 +406,13 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
     results = run_checks(settings)
     for result in results:
-        if settings.LOG_FORMAT == "json":
+        if json_logs(settings):
             level = "INFO" if result.ok else "ERROR"
-            line = logs.json_event(
+            render.print_event(
                 result.line(), level, check=result.name, ok=result.ok, detail=result.detail
             )
         else:
-            line = result.line()
-        print(line, flush=True)
+            render.print_text(result.line())
     failed = [r.name for r in results if not r.ok]
     if failed:
         log.error("check failed: %s", ", ".join(failed))
@@ -564,35 +424,35 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from library.contract import json_schemas
 
     schemas = json_schemas()
-    document = schemas if args.which == "all" else schemas[args.which]
-    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
+    render.print_json(schemas if args.which == "all" else schemas[args.which])
     return 0
 
 
+def write_document(text: str, output: str | None) -> None:
+    """A report as rendered (Markdown, CSV, HTML, JSON): to FILE, or to stdout as is."""
+    if output:
+        with open(output, "w", encoding="utf-8") as out:
+            out.write(text)
+    else:
+        sys.stdout.write(text)
+
+
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from library.reports import GROUP_RENDERERS, RENDERERS, group_status, run_report
+    from library import admin
+    from library.reports import GROUP_RENDERERS, RENDERERS
 
     if args.group:
         if args.format not in GROUP_RENDERERS:
             raise ConfigError(f"report --group writes {', '.join(GROUP_RENDERERS)}, not html")
-        group = read_only(settings, lambda c: group_status(c, args.group))
-        text = GROUP_RENDERERS[args.format](group)
-        if args.output:
-            with open(args.output, "w", encoding="utf-8") as out:
-                out.write(text)
-        else:
-            sys.stdout.write(text)
+        group = admin.group_status(settings.sink, args.group)
+        write_document(GROUP_RENDERERS[args.format](group), args.output)
         return 0
-    report = read_only(settings, lambda c: run_report(c, args.run_id))
-    text = RENDERERS[args.format](report)
+    report = admin.run_report(settings.sink, args.run_id)
+    write_document(RENDERERS[args.format](report), args.output)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as out:
-            out.write(text)
         log.info(
             "wrote the %s report of %s to %s", args.format, report["run"]["run_id"], args.output
         )
-    else:
-        sys.stdout.write(text)
     return 0
 
 
@@ -606,12 +466,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     install_signal_handlers(stop)
     report = run_demo(settings, args.rows, DEMO_FOLDER, stop)
     c = report.counts
-    if report.error:
-        log.error("Run %s %s: %s", report.run_id, report.status, report.error)
+    log_outcome(report)
     log.info(
         "Pipeline complete: %d processed, %d failed, %d invalid", c.scored, c.failed, c.invalid
     )
-    print_summary(report, settings)
+    render.print_summary(report, json_logs(settings), settings.source.uri)
     if report.status not in ("completed", "completed_with_errors"):
         return report.exit_code
     # Started by `python3 -m uv run --no-dev` (uv sets UV): batch-pipeline is not on the
@@ -619,14 +478,10 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     command = (
         "python3 -m uv run --no-dev batch-pipeline" if os.environ.get("UV") else "batch-pipeline"
     )
-    if settings.LOG_FORMAT == "json":
-        print(
-            logs.json_event(
-                "Look at the predictions", "INFO", command=f"{command} query", sql=LOOK_QUERY
-            )
-        )
+    if json_logs(settings):
+        render.print_event("Look at the predictions", command=f"{command} query", sql=LOOK_QUERY)
         return 0
-    print(
+    render.print_text(
         f"\nThe sample has about 1% invalid rows and 1% duplicates on purpose: see invalid_rows.\n"
         f"Look at the predictions:\n\n"
         f'  {command} query "{LOOK_QUERY}"\n'
@@ -635,49 +490,22 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
-    from library.run import database
+    from library import admin
 
-    with database(settings) as (url, _shown):
-        conn = db.connect(url, "batch-pipeline query")
-        try:
-            with conn.transaction():
-                conn.execute("SET TRANSACTION READ ONLY")
-                cur = conn.execute(args.sql)
-                columns = [d.name for d in cur.description or []]
-                rows = cur.fetchall() if cur.description else []
-        except psycopg.Error as exc:
-            raise PipelineError(f"query failed: {db.first_line(exc)}") from None
-        finally:
-            conn.close()
-    print_table(columns, rows)
+    result = admin.query(settings.sink, args.sql)
+    render.print_table(result.columns, result.rows)
     return 0
 
 
-def print_table(columns: list[str], rows: list[tuple[Any, ...]], count: bool = True) -> None:
-    cells = [[("" if v is None else str(v)) for v in r] for r in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print("-+-".join("-" * w for w in widths))
-    for r in cells:
-        print(" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-    if count:
-        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-
-
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from library.run import database
+    from library import admin
 
-    with database(settings) as (url, shown):
-        conn = db.connect(url, "batch-pipeline migrate")
-        try:
-            with db.classified("migrating"):
-                applied = db.migrate(conn)
-        finally:
-            conn.close()
-    if applied:
-        log.info("applied %s to %s", ", ".join(m.script for m in applied), shown)
+    migrated = admin.migrate(settings.sink)
+    if migrated.applied:
+        scripts = ", ".join(m.script for m in migrated.applied)
+        log.info("applied %s to %s", scripts, migrated.database)
     else:
-        log.info("the database at %s is up to date", shown)
+        log.info("the database at %s is up to date", migrated.database)
     return 0
 
 
@@ -693,6 +521,49 @@ def cmd_model_server(args: argparse.Namespace) -> int:
         log.error("cannot serve on %s:%s: %s", args.host, args.port, exc)
         return EXIT_FAILED
     return 0
+
+
+# Each command and its handler: these get the settings, logging set up and their
+# PipelineError turned into its exit code.
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "migrate": cmd_migrate,
+    "retry-failed": cmd_retry_failed,
+    "status": cmd_status,
+    "runs": cmd_runs,
+    "report": cmd_report,
+    "demo": cmd_demo,
+    "query": cmd_query,
+}
+# Commands that read no setting: no environment, no settings errors.
+STANDALONE: dict[str, Callable[[argparse.Namespace], int]] = {
+    "schema": cmd_schema,
+    "model-server": cmd_model_server,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `run --workers N`
+    standalone = STANDALONE.get(args.command)
+    if standalone is not None:
+        return standalone(args)
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        print(f"batch-pipeline: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    secrets = settings.secret_values() + client_secrets()
+    logs.setup_logging(settings.observability.log_level, secrets, settings.observability.log_format)
+    for name, meant in misspelt_variables():
+        log.warning("%s is set but is not a setting: did you mean %s? (it is ignored)", name, meant)
+    try:
+        return COMMANDS[args.command](args, settings)
+    except PipelineError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
 
 
 if __name__ == "__main__":
