@@ -45,7 +45,7 @@ import orjson
 from bench.peer import PEER_SCRIPT, elapsed_seconds, one_object, peer_available, peer_python
 from bench.services import PYTHON, Services, model_server, services
 from library.config import DEFAULT_API_BATCH_SIZE
-from library.sample_data import write_sample
+from library.demo.sample_data import write_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = ROOT / ".batch-pipeline" / "bench"
@@ -472,7 +472,7 @@ def medians(runs: list[Measure]) -> dict[str, Any]:
     }
 
 
-STARTUP = [PYTHON, "-c", "import pipeline.batch.main, library.run, library.flow, boto3, smart_open"]
+STARTUP = [PYTHON, "-c", "import pipeline.batch.main, library.jobs.run, library.jobs.flow, boto3, smart_open"]
 
 
 def measure_cpu(svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]) -> None:

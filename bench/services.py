@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from library import db
+from library.state import db
 
 PYTHON = sys.executable
 S3_KEY, S3_SECRET = "bench-key", "bench-secret"

@@ -19,19 +19,19 @@ from datetime import datetime
 
 import orjson
 
-from library import source
-from library.batching import plan_units
 from library.config import Settings, load_settings
-from library.flow import make_client, prepare_units
-from library.ledger import Ledger
+from library.demo.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
+from library.jobs.flow import make_client, prepare_units
+from library.jobs.reading import ObjectReader
 from library.models import Prediction, PreparedChunk, ScoreResult, WorkUnit
-from library.reading import ObjectReader
-from library.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
 from library.score.client import ScoringClient, latest_rows
 from library.score.protocol import EVENT_TIME_FORMAT
-from library.sink import FlushBuffer, PreparedFlush, Sink
-from library.source import s3_client_for
-from library.validate import validate_chunk
+from library.stages import source
+from library.stages.batching import plan_units
+from library.stages.sink import FlushBuffer, PreparedFlush, Sink
+from library.stages.source import s3_client_for
+from library.stages.validate import validate_chunk
+from library.state.ledger import Ledger
 
 
 def cpu() -> float:

@@ -1,7 +1,7 @@
 """The input row contract (shared/CONTRACT.md, section 1), written once.
 
 `Transaction` is the pydantic schema of one CSV row. It is the reference: the
-vectorised validator in `library.validate` applies the same rules, built from
+vectorised validator in `library.stages.validate` applies the same rules, built from
 the same constants below, to whole chunks at once, and a property test checks
 that both classify every row alike. Pydantic then explains the few rows that
 fail, column by column.

@@ -18,8 +18,8 @@
     +-- InterruptedRun                 130 / 143 after SIGINT / SIGTERM
 
 Third-party exceptions (psycopg, urllib3, botocore, OS errors) are classified in
-one place per boundary: `library.db.classify`, `library.score.client`, and
-`library.source`. Messages never carry secrets.
+one place per boundary: `library.state.db.classify`, `library.score.client`, and
+`library.stages.source`. Messages never carry secrets.
 """
 
 from __future__ import annotations

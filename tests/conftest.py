@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from library import db
+from library.state import db
 from tests.helpers.fake_model import FakeModel
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -96,7 +96,7 @@ def test_the_library_never_imports_the_cli_or_the_bench() -> None:
 def test_the_stages_stand_apart() -> None:
     """Validation does not reach into the source, and the codecs only into their protocol."""
     graph = import_graph()
-    assert "library.source" not in graph["library.validate"]
+    assert "library.stages.source" not in graph["library.stages.validate"]
     for codec in ("library.score.codecs_mlflow", "library.score.codecs_v2"):
         assert graph[codec] & {"library.score.codec", "library.score.client"} == set()
         assert "library.score.protocol" in graph[codec]
@@ -117,4 +117,4 @@ def test_only_the_ledger_writes_its_tables() -> None:
         if path.name != "ledger.py"
     }
     assert {m: tables for m, tables in writers.items() if tables} == {}
-    assert set(WRITES.findall((LIBRARY / "ledger.py").read_text())) == set(LEDGER_TABLES)
+    assert set(WRITES.findall((LIBRARY / "state" / "ledger.py").read_text())) == set(LEDGER_TABLES)

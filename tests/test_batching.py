@@ -5,11 +5,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from library.batching import plan_units
 from library.models import PreparedChunk, RowChunk, SourceObject, WorkUnit
 from library.score.codec import NativeCodec
-from library.sink import Sink
-from library.validate import validate_chunk
+from library.stages.batching import plan_units
+from library.stages.sink import Sink
+from library.stages.validate import validate_chunk
 from tests.helpers.data import row, rows
 from tests.test_validate import as_frame
 

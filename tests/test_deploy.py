@@ -32,9 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 from library.config import ENV_FIELDS, ENV_NAMES, load_settings
-from library.metrics import RunMetrics
+from library.demo.reference_model import make_server
 from library.models import Counts
-from library.reference_model import make_server
+from library.observability.metrics import RunMetrics
 from tests.conftest import run_cli
 from tests.helpers.data import rows, to_csv
 

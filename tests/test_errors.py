@@ -15,10 +15,11 @@ import pytest
 import urllib3.exceptions
 from psycopg import errors as pg_errors
 
-from library import db, source
 from library.errors import DatabaseError, SourceError, TransientDatabaseError
 from library.models import SourceObject
 from library.score.client import TRANSPORT_ERRORS, describe_transport_error
+from library.stages import source
+from library.state import db
 
 
 def subclasses(base: type[BaseException]) -> list[type[BaseException]]:

@@ -19,10 +19,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from library import db
-from library.ledger import Ledger
 from library.models import SourceObject
-from library.sink import Sink
+from library.stages.sink import Sink
+from library.state import db
+from library.state.ledger import Ledger
 from tests.conftest import (
     CLI,
     ROOT,

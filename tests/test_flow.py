@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from library.errors import ApiUnavailableError, DatabaseError, ThresholdExceededError
-from library.flow import Ratios, ScoreAndWrite, Stopping, StopSignal
+from library.jobs.flow import Ratios, ScoreAndWrite, Stopping, StopSignal
 from library.models import LINE_COLUMN, Counts, InvalidRow, Reason, SourceObject, ValidatedChunk
 from tests.helpers.fakes import FakeClient, FakeSink
 

@@ -9,8 +9,8 @@ from datetime import datetime
 
 import pytest
 
-from library.ledger import ABANDON_GRACE_SECONDS, Ledger
 from library.models import SourceObject
+from library.state.ledger import ABANDON_GRACE_SECONDS, Ledger
 from tests.conftest import Database
 
 OBJ = SourceObject("s3://bucket/in/a.csv", "etag-1", size=100)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from library.db import Migration, available_migrations
+from library.state.db import Migration, available_migrations
 
 # Computed by Flyway 11.20.3 (flyway migrate on an empty PostgreSQL 15); they never
 # change, since a migration is never edited once released.

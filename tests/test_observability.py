@@ -118,7 +118,7 @@ def test_the_bar_fits_80_columns_with_the_eta_first_and_log_lines_unwrapped(
 
 def test_eta_follows_rows_done_against_rows_expected() -> None:
     from library.models import Counts
-    from library.progress import LiveState, describe, snapshot
+    from library.observability.progress import LiveState, describe, snapshot
 
     state = LiveState(objects_total=3, bytes_total=3_000_000)
     state.started -= 10  # 10 s into the run

@@ -26,7 +26,7 @@ from library.models import Prediction, RowChunk, SourceObject
 from library.score.codecs_mlflow import ROW_COLUMN, MlflowCodec
 from library.score.codecs_v2 import V2Codec
 from library.score.protocol import Codec, MalformedResponse
-from library.validate import validate_chunk
+from library.stages.validate import validate_chunk
 from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli
 from tests.helpers.data import row, rows, to_csv
 from tests.test_validate import as_frame

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from markdown_it import MarkdownIt
 
-from library.progress import ProgressSamples
-from library.report_html import render_html
-from library.reports import render_csv, render_markdown
+from library.jobs.report_html import render_html
+from library.jobs.reports import render_csv, render_markdown
+from library.observability.progress import ProgressSamples
 from tests.conftest import Bucket, Database, run_cli
 from tests.helpers.data import row, rows, to_csv
 from tests.helpers.fake_model import FakeModel

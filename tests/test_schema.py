@@ -16,11 +16,11 @@ from library.contract import (
     Transaction,
     json_schemas,
 )
+from library.demo.reference_model import predict
 from library.models import SourceObject
-from library.reference_model import predict
 from library.score.codec import NativeCodec
-from library.source import read_chunks
-from library.validate import validate_chunk
+from library.stages.source import read_chunks
+from library.stages.validate import validate_chunk
 from tests.conftest import CLI, ROOT
 from tests.helpers.data import row, rows, to_csv
 

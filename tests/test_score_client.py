@@ -13,7 +13,7 @@ from library.errors import ApiUnavailableError
 from library.models import RowChunk, SourceObject
 from library.score.client import ScoringClient, ScoringStopped, retry_after_seconds
 from library.score.codec import NativeCodec
-from library.validate import validate_chunk
+from library.stages.validate import validate_chunk
 from tests.conftest import free_port
 from tests.helpers.data import rows
 from tests.helpers.fake_model import FakeModel

@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 
 from library.config import Settings, load_settings, redact_url
-from library.flow import ScoreAndWrite, StopSignal
-from library.metrics import RunMetrics
+from library.jobs.flow import ScoreAndWrite, StopSignal
+from library.jobs.reading import ObjectReader
+from library.jobs.retry import retry_failed
+from library.jobs.run import RunOptions, run_pipeline
+from library.jobs.run_report import RunStats
+from library.jobs.session import job_session
 from library.models import SourceObject
-from library.reading import ObjectReader
-from library.retry import retry_failed
-from library.run import RunOptions, run_pipeline
-from library.run_report import RunStats
-from library.session import job_session
-from library.sink import Sink
+from library.observability.metrics import RunMetrics
+from library.stages.sink import Sink
 from tests.conftest import Database
 from tests.helpers.data import row, rows, to_csv
 from tests.helpers.fakes import FakeClient
@@ -56,7 +56,7 @@ def flow_with(client: FakeClient) -> Any:
         metrics: RunMetrics | None = None,
         on_claim_lost: Any = None,
     ) -> ScoreAndWrite:
-        from library.flow import Ratios
+        from library.jobs.flow import Ratios
 
         sink = Sink(url, run_id, 50, settings.sink.retry_timeout, on_claim_lost=on_claim_lost)
         return ScoreAndWrite(

@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 
 from library.errors import DatabaseError
-from library.ledger import Ledger
 from library.models import (
     Failure,
     InvalidRow,
@@ -21,8 +20,9 @@ from library.models import (
     WorkUnit,
 )
 from library.score.codec import NativeCodec
-from library.sink import Sink
-from library.validate import validate_chunk
+from library.stages.sink import Sink
+from library.stages.validate import validate_chunk
+from library.state.ledger import Ledger
 from tests.conftest import Database
 from tests.helpers.data import row
 from tests.test_validate import as_frame

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from library import models, source
+from library import models
 from library.config import DEFAULT_MAX_QUOTED_FIELD_CHARS
 from library.errors import MissingColumnsError, SourceError, UnterminatedQuoteError
 from library.models import LINE_COLUMN, SourceObject
+from library.stages import source
 from tests.conftest import S3_KEY, S3_SECRET, Bucket
 from tests.helpers.data import HEADER, gz, row, rows, to_csv, zst
 

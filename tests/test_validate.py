@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from library.contract import REQUIRED_COLUMNS, Transaction
 from library.models import LINE_COLUMN, RowChunk, SourceObject
-from library.validate import classify, validate_chunk
+from library.stages.validate import classify, validate_chunk
 from tests.helpers.data import row
 
 # Values near the edges of each rule, plus arbitrary text.

@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
-from library import logs
 from library.config import (
     ENV_FIELDS,
     ENV_NAMES,
@@ -38,6 +37,7 @@ from library.errors import (
     InterruptedRun,
     PipelineError,
 )
+from library.observability import logs
 from pipeline.batch import render
 
 log = logging.getLogger("batch_pipeline")
@@ -322,12 +322,12 @@ def log_outcome(report: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from library.run import RunOptions, StopSignal, run_pipeline
+    from library.jobs.run import RunOptions, StopSignal, run_pipeline
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     if args.workers is not None:
-        from library.workers import run_workers, without_workers_flag
+        from library.jobs.workers import run_workers, without_workers_flag
 
         if args.dry_run:
             raise ConfigError("--workers goes with a real run, not --dry-run")
@@ -351,8 +351,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
-    from library.retry import retry_failed
-    from library.run import StopSignal
+    from library.jobs.retry import retry_failed
+    from library.jobs.run import StopSignal
 
     stop = StopSignal()
     install_signal_handlers(stop)
@@ -366,8 +366,8 @@ def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from library import admin
-    from library.reports import render_group_status, render_status
+    from library.jobs import admin
+    from library.jobs.reports import render_group_status, render_status
 
     if args.group:
         group = admin.group_status(settings.sink, args.group)
@@ -386,8 +386,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
-    from library import admin
-    from library.history import TEXT_COLUMNS, text_rows
+    from library.jobs import admin
+    from library.jobs.history import TEXT_COLUMNS, text_rows
 
     if args.limit < 1:
         raise ConfigError("--limit must be at least 1")
@@ -402,7 +402,7 @@ def cmd_runs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from library.check import run_checks
+    from library.jobs.check import run_checks
 
     results = run_checks(settings)
     for result in results:
@@ -438,8 +438,8 @@ def write_document(text: str, output: str | None) -> None:
 
 
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
-    from library import admin
-    from library.reports import GROUP_RENDERERS, RENDERERS
+    from library.jobs import admin
+    from library.jobs.reports import GROUP_RENDERERS, RENDERERS
 
     if args.group:
         if args.format not in GROUP_RENDERERS:
@@ -457,8 +457,8 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from library.demo import DEMO_FOLDER, LOOK_QUERY, run_demo
-    from library.run import StopSignal
+    from library.demo.run import DEMO_FOLDER, LOOK_QUERY, run_demo
+    from library.jobs.run import StopSignal
 
     if args.rows < 1:
         raise ConfigError("--rows must be at least 1")
@@ -490,7 +490,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
-    from library import admin
+    from library.jobs import admin
 
     result = admin.query(settings.sink, args.sql)
     render.print_table(result.columns, result.rows)
@@ -498,7 +498,7 @@ def cmd_query(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from library import admin
+    from library.jobs import admin
 
     migrated = admin.migrate(settings.sink)
     if migrated.applied:
@@ -510,7 +510,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_model_server(args: argparse.Namespace) -> int:
-    from library.reference_model import serve
+    from library.demo.reference_model import serve
 
     logs.setup_logging(str(args.LOG_LEVEL).upper())
     try:

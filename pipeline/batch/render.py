@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from library import logs
+from library.observability import logs
 
 LABEL_WIDTH = 15  # "run_id:        batch_..." : every summary label is padded to this
 # Off a terminal nothing is wrapped: a row stays one line whatever its length.

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from library.reference_model import ModelHandler, RequestRejected, make_server, predict
+from library.demo.reference_model import ModelHandler, RequestRejected, make_server, predict
 
 
 @dataclass

@@ -13,11 +13,11 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-from library import source
 from library.config import SourceSettings
 from library.models import SourceObject, ValidatedChunk
-from library.progress import LiveState, StageTimes
-from library.validate import validate_chunk
+from library.observability.progress import LiveState, StageTimes
+from library.stages import source
+from library.stages.validate import validate_chunk
 
 
 class ObjectReader:

@@ -29,7 +29,7 @@ import orjson
 import psycopg
 
 from library.errors import PipelineError
-from library.report_html import ROW_COUNTS, render_html
+from library.jobs.report_html import ROW_COUNTS, render_html
 
 EXAMPLES_PER_GROUP = 3
 SCORE_BUCKETS = 20  # the score histogram's bins over [0, 1]
@@ -386,7 +386,7 @@ RENDERERS = {
 
 def group_status(conn: psycopg.Connection[Any], group: str) -> dict[str, Any]:
     """A run group: its workers' runs, their sum, and the group's exit code."""
-    from library.group import OBJECTS_FINISHED, group_exit_code
+    from library.state.group import OBJECTS_FINISHED, group_exit_code
 
     head = _one(
         conn,

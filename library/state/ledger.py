@@ -29,9 +29,9 @@ from typing import Any, Literal
 import orjson
 import psycopg
 
-from library import db
 from library.errors import DatabaseError
 from library.models import Counts, SourceObject
+from library.state import db
 
 log = logging.getLogger(__name__)
 

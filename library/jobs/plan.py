@@ -14,11 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from library import db
 from library.config import SinkSettings
-from library.db import database
 from library.errors import PipelineError
 from library.models import InvalidRow, SourceObject
+from library.state import db
+from library.state.db import database
 
 log = logging.getLogger(__name__)
 

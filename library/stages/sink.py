@@ -30,7 +30,6 @@ import orjson
 import polars as pl
 import psycopg
 
-from library import db, ledger
 from library.contract import REQUIRED_COLUMNS
 from library.errors import DatabaseError
 from library.faults import failpoint
@@ -43,6 +42,7 @@ from library.models import (
     SourceObject,
     WorkUnit,
 )
+from library.state import db, ledger
 
 log = logging.getLogger(__name__)
 

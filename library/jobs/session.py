@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from library import db, logs
 from library.config import Settings, url_secrets
-from library.db import database
 from library.errors import PipelineError
-from library.ledger import Ledger
-from library.run_report import ObjectOutcome, RunReport, RunStats, build_report
+from library.jobs.run_report import ObjectOutcome, RunReport, RunStats, build_report
+from library.observability import logs
+from library.state import db
+from library.state.db import database
+from library.state.ledger import Ledger
 
 log = logging.getLogger(__name__)
 

@@ -258,8 +258,9 @@ class Migration:
 
 
 def migrations_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "sql", here.parent / "sql"):
+    package = Path(__file__).resolve().parents[1]  # library/
+    # library/sql in an installed wheel (pyproject's force-include), sql/ in a checkout
+    for candidate in (package / "sql", package.parent / "sql"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("the sql/ migrations folder is missing from this installation")

@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from library import db, history, reports
 from library.config import SinkSettings
-from library.db import database
 from library.errors import PipelineError, SchemaNotReadyError
+from library.jobs import history, reports
+from library.state import db
+from library.state.db import database
 
 T = TypeVar("T")
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from library import logs, source
 from library.config import Settings, SourceSettings, WorkerSettings
 from library.errors import (
     ConfigError,
@@ -28,17 +27,19 @@ from library.errors import (
     SourceError,
     ThresholdExceededError,
 )
-from library.flow import FlowFactory, Ratios, ScoreAndWrite, Stopping, StopSignal
-from library.group import GroupStopped, RunGroup
-from library.ledger import Claim, Ledger
-from library.metrics import RunMetrics
+from library.jobs.flow import FlowFactory, Ratios, ScoreAndWrite, Stopping, StopSignal
+from library.jobs.plan import InvalidReasons, PlannedObject, ledger_state, plan_objects
+from library.jobs.reading import ObjectReader
+from library.jobs.run_report import ObjectOutcome, RunReport, RunStats, build_report
+from library.jobs.session import JobSession, job_session
 from library.models import Counts, SourceObject
-from library.plan import InvalidReasons, PlannedObject, ledger_state, plan_objects
-from library.progress import LiveState, Reporter
-from library.reading import ObjectReader
-from library.run_report import ObjectOutcome, RunReport, RunStats, build_report
+from library.observability import logs
+from library.observability.metrics import RunMetrics
+from library.observability.progress import LiveState, Reporter
 from library.score.ready import wait_until_ready
-from library.session import JobSession, job_session
+from library.stages import source
+from library.state.group import GroupStopped, RunGroup
+from library.state.ledger import Claim, Ledger
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from collections.abc import Iterator
 
 import polars as pl
 
-from library import db
 from library.config import Settings
 from library.errors import ConfigError, PipelineError
-from library.flow import FlowFactory, ScoreAndWrite, Stopping, StopSignal
+from library.jobs.flow import FlowFactory, ScoreAndWrite, Stopping, StopSignal
+from library.jobs.run_report import RunReport
+from library.jobs.session import job_session
 from library.models import LINE_COLUMN, SourceObject, ValidatedChunk
-from library.run_report import RunReport
 from library.score.ready import wait_until_ready
-from library.session import job_session
+from library.state import db
 
 log = logging.getLogger(__name__)
 

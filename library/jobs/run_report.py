@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from library.errors import EXIT_COMPLETED, EXIT_COMPLETED_WITH_ERRORS, EXIT_FAILED, PipelineError
-from library.ledger import RunStatus
 from library.models import Counts
-from library.progress import StageTimes
+from library.observability.progress import StageTimes
+from library.state.ledger import RunStatus
 
-if TYPE_CHECKING:  # the plan is built from the ledger's state: library.plan reads it
-    from library.plan import InvalidReasons, PlannedObject
+if TYPE_CHECKING:  # the plan is built from the ledger's state: library.jobs.plan reads it
+    from library.jobs.plan import InvalidReasons, PlannedObject
 
 
 @dataclass

@@ -25,12 +25,10 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from library import logs
-from library.batching import plan_units
 from library.config import ScoringSettings, Settings, ThresholdSettings
 from library.errors import DatabaseError, PipelineError, ThresholdExceededError
 from library.faults import failpoint
-from library.metrics import RunMetrics
+from library.jobs.run_report import RunStats
 from library.models import (
     Counts,
     PreparedChunk,
@@ -39,11 +37,13 @@ from library.models import (
     ValidatedChunk,
     WorkUnit,
 )
-from library.progress import StageTimes
-from library.run_report import RunStats
+from library.observability import logs
+from library.observability.metrics import RunMetrics
+from library.observability.progress import StageTimes
 from library.score.client import ScoringClient
 from library.score.codec import make_codec
-from library.sink import Sink
+from library.stages.batching import plan_units
+from library.stages.sink import Sink
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from library.errors import (
     EXIT_USAGE,
     PipelineError,
 )
-from library.ledger import Claim, Ledger
 from library.models import SourceObject
+from library.state.ledger import Claim, Ledger
 
 log = logging.getLogger(__name__)
 

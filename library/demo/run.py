@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from library.config import Settings
-from library.reference_model import make_server
-from library.run import RunOptions, RunReport, StopSignal, run_pipeline
-from library.sample_data import write_sample
+from library.demo.reference_model import make_server
+from library.demo.sample_data import write_sample
+from library.jobs.run import RunOptions, RunReport, StopSignal, run_pipeline
 
 log = logging.getLogger(__name__)
 

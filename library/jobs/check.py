@@ -22,7 +22,6 @@ from functools import partial
 
 import urllib3
 
-from library import db, source
 from library.config import (
     ObservabilitySettings,
     ScoringSettings,
@@ -34,6 +33,8 @@ from library.config import (
 from library.errors import PipelineError
 from library.models import SourceObject
 from library.score.client import split_credentials
+from library.stages import source
+from library.state import db
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def check_source(settings: SourceSettings) -> CheckResult:
     uri = settings.uri
     if not uri:
         return CheckResult("source", False, "SOURCE_URI is not set")
-    from library.source import s3_client_for
+    from library.stages.source import s3_client_for
 
     try:
         objects = source.list_objects(uri, s3_client_for(settings))
@@ -80,7 +81,7 @@ def check_source(settings: SourceSettings) -> CheckResult:
 
 
 def check_database(settings: SinkSettings) -> CheckResult:
-    from library.db import database
+    from library.state.db import database
 
     embedded = settings.database_url is None
     try:
@@ -116,7 +117,7 @@ def check_model(settings: ScoringSettings) -> CheckResult:
         return CheckResult("model", False, "ML_API_URL is not set")
     from library.score.client import ScoringClient, classify_response, describe_transport_error
     from library.score.codec import make_codec
-    from library.validate import validate_chunk
+    from library.stages.validate import validate_chunk
 
     shown = f"{redact_url(settings.url)} ({settings.protocol})"
     token = settings.token_value

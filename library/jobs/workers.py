@@ -3,7 +3,7 @@
 The same thing Kubernetes does with an Indexed Job, for one machine with many
 cores: N copies of the same `run` command, each with the group's RUN_GROUP and
 its own JOB_COMPLETION_INDEX, sharing the work through the database (see
-`library.group`). The parent only starts them, passes signals on (SIGTERM and
+`library.state.group`). The parent only starts them, passes signals on (SIGTERM and
 SIGINT reach every worker, which flush and stop), waits, and exits with the
 group's code: the worst of the workers' codes.
 """
@@ -20,7 +20,7 @@ from datetime import datetime
 from types import FrameType
 
 from library.errors import EXIT_FAILED
-from library.group import group_exit_code
+from library.state.group import group_exit_code
 
 log = logging.getLogger(__name__)
 

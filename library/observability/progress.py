@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from library.metrics import RunMetrics
 from library.models import Counts
-from library.source import CountingReader
+from library.observability.metrics import RunMetrics
+from library.stages.source import CountingReader
 
 log = logging.getLogger("batch_pipeline.progress")
 
