@@ -11,7 +11,7 @@ from library.stages.batching import plan_units
 from library.stages.sink import Sink
 from library.stages.validate import validate_chunk
 from tests.helpers.data import row, rows
-from tests.test_validate import as_frame
+from tests.stages.test_validate import as_frame
 
 OBJ = SourceObject("s3://b/in.csv", "etag-1")
 

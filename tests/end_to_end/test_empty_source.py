@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import Bucket, Database, run_cli
 from tests.helpers.data import rows, to_csv
-from tests.test_observability import metric, parse
+from tests.observability.test_observability import metric, parse
 
 
 def warnings_of(stderr: str) -> list[str]:

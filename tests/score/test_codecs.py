@@ -29,7 +29,7 @@ from library.score.protocol import Codec, MalformedResponse
 from library.stages.validate import validate_chunk
 from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli
 from tests.helpers.data import row, rows, to_csv
-from tests.test_validate import as_frame
+from tests.stages.test_validate import as_frame
 from tools.model_servers.servers import (
     ModelServer,
     TrainedModels,

@@ -10,7 +10,7 @@ import pytest
 from library.config import ENV_NAMES
 from pipeline.batch.main import build_parser, flag_name
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def subcommands() -> dict[str, object]:
@@ -49,7 +49,7 @@ def test_the_readme_opens_with_the_user_and_the_test_commands() -> None:
     demo, tests = (line.split("#")[0].strip() for line in block.splitlines())
     assert demo == "python3 -m pip install uv && python3 -m uv run --no-dev batch-pipeline demo"
     assert tests == "python3 -m pip install uv && python3 -m uv run pytest"
-    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
     # Every other `uv run batch-pipeline` a user pastes skips the dev group too.
     assert not re.search(r"uv run batch-pipeline", README)

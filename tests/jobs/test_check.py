@@ -8,7 +8,7 @@ from pathlib import Path
 from tests.conftest import S3_SECRET, Bucket, free_port, run_cli
 from tests.helpers.data import rows, to_csv
 from tests.helpers.fake_model import FakeModel
-from tests.test_observability import pushgateway  # the fixture
+from tests.observability.test_observability import pushgateway  # the fixture
 
 __all__ = ["pushgateway"]
 

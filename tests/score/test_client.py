@@ -17,7 +17,7 @@ from library.stages.validate import validate_chunk
 from tests.conftest import free_port
 from tests.helpers.data import rows
 from tests.helpers.fake_model import FakeModel
-from tests.test_validate import as_frame
+from tests.stages.test_validate import as_frame
 
 
 def transactions(n: int, start: int = 0) -> pl.DataFrame:

@@ -35,7 +35,7 @@ from tests.conftest import (
 )
 from tests.helpers.data import gz, row, rows, to_csv, zst
 from tests.helpers.postgres import PrivatePostgres
-from tests.test_resume import TOTALS, dump
+from tests.end_to_end.test_resume import TOTALS, dump
 
 # Objects that share no transaction_id, so that two runs working on different
 # objects at once give the same tables as one run (see the concurrency guarantee).
@@ -228,8 +228,8 @@ def test_a_flush_for_an_object_claimed_since_by_another_run_is_refused(
 ) -> None:
     """The fence: a worker whose lock went with its connection, and whose object was
     claimed meanwhile by another run, never commits rows or a checkpoint for it."""
-    from tests.test_sink import OBJ as obj
-    from tests.test_sink import scored, unit
+    from tests.stages.test_sink import OBJ as obj
+    from tests.stages.test_sink import scored, unit
 
     zombie = Ledger(database_url, retry_window=5)
     zombie_run = zombie.start_run(datetime(2026, 1, 1), "s3://b/", {})
@@ -268,8 +268,8 @@ def test_a_claim_found_lost_by_the_objects_last_flush_ends_the_object_quietly(
     """The loss can first show in the flush that ends the object (the reader had
     already read it all): the sink drops the object there, and ending it is not an
     error (it was a KeyError in the writer: "internal error in the writer")."""
-    from tests.test_sink import OBJ as obj
-    from tests.test_sink import scored, unit
+    from tests.stages.test_sink import OBJ as obj
+    from tests.stages.test_sink import scored, unit
 
     zombie = Ledger(database_url, retry_window=5)
     zombie_run = zombie.start_run(datetime(2026, 1, 1), "s3://b/", {})

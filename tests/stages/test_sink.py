@@ -25,7 +25,7 @@ from library.stages.validate import validate_chunk
 from library.state.ledger import Ledger
 from tests.conftest import Database
 from tests.helpers.data import row
-from tests.test_validate import as_frame
+from tests.stages.test_validate import as_frame
 
 OBJ = SourceObject("s3://b/in.csv", "etag-1")
 
