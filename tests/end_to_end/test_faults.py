@@ -33,9 +33,9 @@ from tests.conftest import (
     scratch_database,
     wait_http,
 )
+from tests.end_to_end.test_resume import TOTALS, dump
 from tests.helpers.data import gz, row, rows, to_csv, zst
 from tests.helpers.postgres import PrivatePostgres
-from tests.end_to_end.test_resume import TOTALS, dump
 
 # Objects that share no transaction_id, so that two runs working on different
 # objects at once give the same tables as one run (see the concurrency guarantee).

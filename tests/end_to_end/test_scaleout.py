@@ -14,11 +14,11 @@ import psycopg
 import pytest
 
 from tests.conftest import CLI, ROOT, Bucket, Database, free_port, run_cli, scratch_database
-from tests.helpers.data import row, rows, to_csv
 from tests.end_to_end.test_faults import model_server, stored, wait_for
+from tests.end_to_end.test_resume import TOTALS, dump
+from tests.helpers.data import row, rows, to_csv
 from tests.observability.test_observability import gateway_metrics
 from tests.observability.test_observability import pushgateway as pushgateway  # a fixture
-from tests.end_to_end.test_resume import TOTALS, dump
 
 OBJECTS = 12
 LARGE = 5  # this object is ten times the others
