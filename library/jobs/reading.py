@@ -1,4 +1,5 @@
-"""One way through an object: open it, parse it from its checkpoint, validate it.
+"""One way through an object: open it, parse it from its checkpoint, validate it;
+what an unreadable object or an empty listing means for the run.
 
 `run`, `run --dry-run` and the benchmark's stages all read objects through
 `ObjectReader.chunks`, so that a row is read, numbered and judged the same way
@@ -9,15 +10,19 @@ decides what they mean for the object.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Generator
 from typing import Any
 
 from library.config import SourceSettings
+from library.errors import MissingColumnsError, SourceError
 from library.models import SourceObject, ValidatedChunk
 from library.observability.progress import LiveState, StageTimes
 from library.stages import source
 from library.stages.validate import validate_chunk
+
+log = logging.getLogger(__name__)
 
 
 class ObjectReader:
@@ -73,3 +78,24 @@ class ObjectReader:
                 validated = validate_chunk(chunk)
                 times.validate += time.perf_counter() - parsed
                 yield validated
+
+
+def read_outcome(exc: SourceError) -> tuple[str, str]:
+    """(status, message) for an object that could not be read (classified by the source)."""
+    if isinstance(exc, MissingColumnsError):
+        return "refused", str(exc)
+    return "failed", str(exc)
+
+
+def check_found(objects: list[SourceObject], settings: SourceSettings) -> None:
+    """An empty listing: a nightly job that finds no input usually means a broken
+    upstream, so say so, or fail the run if FAIL_ON_EMPTY_SOURCE is set."""
+    if objects:
+        return
+    message = (
+        f"no objects found under {settings.uri}: no .csv, .csv.gz or .csv.zst there; "
+        "check SOURCE_URI and the upstream export"
+    )
+    if settings.fail_on_empty:
+        raise SourceError(message + " (FAIL_ON_EMPTY_SOURCE is set)", settings.uri)
+    log.warning("%s", message)

@@ -15,24 +15,21 @@ import logging
 import socket
 import time
 from contextlib import closing
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-from library.config import Settings, SourceSettings, WorkerSettings
+from library.config import Settings, WorkerSettings
 from library.errors import (
     ConfigError,
-    MissingColumnsError,
     PipelineError,
     SourceError,
-    ThresholdExceededError,
 )
+from library.jobs.dry_run import DryRun
 from library.jobs.flow import FlowFactory, Ratios, ScoreAndWrite, Stopping, StopSignal
-from library.jobs.plan import InvalidReasons, PlannedObject, ledger_state, plan_objects
-from library.jobs.reading import ObjectReader
-from library.jobs.run_report import ObjectOutcome, RunReport, RunStats, build_report
+from library.jobs.options import RunOptions
+from library.jobs.reading import ObjectReader, check_found, read_outcome
+from library.jobs.run_report import ObjectOutcome, RunReport, RunStats
 from library.jobs.session import JobSession, job_session
-from library.models import Counts, SourceObject
+from library.models import SourceObject
 from library.observability import logs
 from library.observability.metrics import RunMetrics
 from library.observability.progress import LiveState, Reporter
@@ -44,14 +41,6 @@ from library.state.ledger import Claim, Ledger
 log = logging.getLogger(__name__)
 
 __all__ = ["RunOptions", "RunReport", "StopSignal", "run_pipeline"]
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    dry_run: bool = False
-    limit: int | None = None  # at most this many objects
-    reprocess: bool = False  # read objects again even if completed at this version
-    migrate: bool = False  # apply pending migrations before running
 
 
 def worker_label(settings: WorkerSettings) -> str | None:
@@ -75,20 +64,6 @@ def require_run_settings(settings: Settings, options: RunOptions) -> None:
         raise ConfigError("--limit must be at least 1")
 
 
-def check_found(objects: list[SourceObject], settings: SourceSettings) -> None:
-    """An empty listing: a nightly job that finds no input usually means a broken
-    upstream, so say so, or fail the run if FAIL_ON_EMPTY_SOURCE is set."""
-    if objects:
-        return
-    message = (
-        f"no objects found under {settings.uri}: no .csv, .csv.gz or .csv.zst there; "
-        "check SOURCE_URI and the upstream export"
-    )
-    if settings.fail_on_empty:
-        raise SourceError(message + " (FAIL_ON_EMPTY_SOURCE is set)", settings.uri)
-    log.warning("%s", message)
-
-
 def run_pipeline(
     settings: Settings,
     options: RunOptions,
@@ -101,13 +76,6 @@ def run_pipeline(
     if options.dry_run:
         return DryRun(settings, options, stop).execute()
     return Run(settings, options, stop, make_flow).execute()
-
-
-def read_errors(exc: SourceError) -> tuple[str, str]:
-    """(status, message) for an object that could not be read (classified by the source)."""
-    if isinstance(exc, MissingColumnsError):
-        return "refused", str(exc)
-    return "failed", str(exc)
 
 
 class ClaimLost(Exception):
@@ -322,7 +290,7 @@ class Run:
             outcome.status = "lost"
             log.warning("Stopped reading %s: another run has claimed it since", obj.uri)
         except SourceError as exc:
-            outcome.status, outcome.error = read_errors(exc)
+            outcome.status, outcome.error = read_outcome(exc)
             log.error(
                 "%s %s", "Refused" if outcome.status == "refused" else "Cannot read", outcome.error
             )
@@ -332,80 +300,4 @@ class Run:
             outcome.error,
             functools.partial(ledger.release, obj),
             lost=outcome.status == "lost",
-        )
-
-
-class DryRun:
-    """A plan: which objects a run would read, skip or resume (from the ledger, read only,
-    when a database is there), then read and validate those: no API call, no write."""
-
-    def __init__(self, settings: Settings, options: RunOptions, stop: StopSignal) -> None:
-        self.settings = settings
-        self.options = options
-        self.stop = stop
-
-    def execute(self) -> RunReport:
-        started = time.time()
-        settings = self.settings
-        assert settings.source.uri
-        run_id = "dry_run_" + datetime.now().strftime("%Y%m%d_%H%M%S")
-        log.info("Starting batch pipeline (dry run: no API calls, no writes)")
-        counts = Counts()
-        outcomes: list[ObjectOutcome] = []
-        plan: list[PlannedObject] = []
-        note: str | None = None
-        reasons = InvalidReasons()
-        error: PipelineError | None = None
-        found: int | None = None
-        try:
-            s3 = source.s3_client_for(settings.source)
-            objects = source.list_objects(settings.source.uri, s3)
-            found = len(objects)
-            check_found(objects, settings.source)
-            if self.options.limit is not None:
-                objects = objects[: self.options.limit]
-            state, note = ledger_state(settings.sink, objects)
-            if note:
-                log.warning("Dry run: %s; every object is counted as to be read", note)
-            plan = plan_objects(objects, state, self.options.reprocess)
-            reader = ObjectReader.from_settings(settings.source, s3)
-            for obj, planned in zip(objects, plan, strict=True):
-                if self.stop.is_set():
-                    break
-                if planned.action == "skip":
-                    outcomes.append(ObjectOutcome(obj.uri, "skipped"))
-                    continue
-                outcome = ObjectOutcome(obj.uri, "completed")
-                outcomes.append(outcome)
-                try:
-                    with closing(reader.chunks(obj, planned.resume_after_line)) as chunks:
-                        for chunk in chunks:
-                            reasons.add(obj.uri, chunk.invalid)
-                            c = Counts(
-                                read=chunk.rows,
-                                valid=chunk.valid.height,
-                                invalid=len(chunk.invalid),
-                            )
-                            outcome.counts.add(c)
-                            counts.add(c)
-                except SourceError as exc:
-                    outcome.status, outcome.error = read_errors(exc)
-                    log.error("Cannot read %s", outcome.error)
-            if self.stop.error is not None:
-                raise self.stop.error
-            Ratios.of(settings.thresholds).check(counts, final=True)
-        except (PipelineError, ThresholdExceededError) as exc:
-            error = exc
-        return build_report(
-            run_id,
-            started,
-            RunStats(counts=counts),
-            outcomes,
-            error,
-            settings.thresholds.completed_with_errors_exit_code,
-            dry_run=True,
-            objects_found=found,
-            plan=plan,
-            plan_note=note,
-            invalid_reasons=reasons,
         )
