@@ -102,6 +102,21 @@ def test_the_stages_stand_apart() -> None:
         assert "library.score.protocol" in graph[codec]
 
 
+
+# Lower layers never import higher ones: the stages, the scoring client, the state and
+# the observability know nothing of the jobs that run them, nor of the demo tools.
+LOWER = ("library.stages", "library.score", "library.state", "library.observability")
+HIGHER = ("library.jobs", "library.demo")
+
+
+def test_the_parts_never_reach_up_into_the_jobs() -> None:
+    graph = import_graph()
+    lower = [m for m in graph if m.startswith(LOWER)]
+    assert len(lower) > 10  # the walk found the folders
+    reaching_up = {m: sorted(t for t in graph[m] if t.startswith(HIGHER)) for m in lower}
+    assert {m: t for m, t in reaching_up.items() if t} == {}
+
+
 LEDGER_TABLES = ("source_objects", "run_objects", "pipeline_runs")
 WRITES = re.compile(
     r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(" + "|".join(LEDGER_TABLES) + r")\b",
