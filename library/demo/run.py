@@ -21,7 +21,6 @@ from library.jobs.run import RunOptions, RunReport, StopSignal, run_pipeline
 
 log = logging.getLogger(__name__)
 
-DEMO_ROWS = 20_000
 DEMO_FOLDER = Path(".batch-pipeline/demo-data")
 LOOK_QUERY = "SELECT prediction, COUNT(*) AS count, AVG(fraud_score) AS avg_score FROM predictions GROUP BY prediction"
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from library.contract import REQUIRED_COLUMNS
 
+DEMO_ROWS = 20_000  # the demo's sample: enough rows to see every stage at work
+
 CATEGORIES = (
     "grocery",
     "travel",

@@ -28,6 +28,7 @@ from library.config import (
     misspelt_variables,
 )
 from library.contract import SCHEMAS
+from library.demo.sample_data import DEMO_ROWS
 from library.errors import (
     EXIT_FAILED,
     EXIT_SIGINT,
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the real pipeline on generated sample data, the reference model and the embedded database",
     )
     demo.add_argument(
-        "--rows", type=int, default=20_000, help="sample rows to generate [default 20000]"
+        "--rows", type=int, default=DEMO_ROWS, help=f"sample rows to generate [default {DEMO_ROWS}]"
     )
     add_settings_flags(demo, "demo")
 
