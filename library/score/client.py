@@ -31,9 +31,10 @@ attempts made. What it does, in order:
   later.
 
 `API_TIMEOUT` bounds each request as a whole, the answer's body included
-(`deadline.py`): a server that trickles its answer cannot hang the job.
+(`deadline.py`, the thin keep-alive HTTP client the requests go through): a
+server that trickles its answer cannot hang the job.
 
-Every third-party exception (urllib3, sockets) is classified here, once.
+Every transport exception (sockets, http.client, urllib3) is classified here, once.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -63,7 +64,7 @@ from library.errors import (
 )
 from library.models import Failure, Prediction, ScoreResult
 from library.score.concurrency import Limiter, Outcome
-from library.score.deadline import Watchdog, pool_manager
+from library.score.deadline import Transport
 from library.score.protocol import Codec, MalformedResponse
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,9 @@ TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
 REJECTED_STATUSES = frozenset({400, 413, 422})
 MAX_BODY_IN_REASON = 300
 # What one HTTP exchange can raise besides an answer: the transport's errors, classified
-# as transient by `describe_transport_error` (tests/test_errors.py checks the list).
+# as transient by `describe_transport_error` (tests/test_errors.py checks the list). The
+# requests go through `deadline.Transport` (OSError, http.client); urllib3's are kept for
+# the helpers that still use it (basic-auth headers) and any future use.
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     urllib3.exceptions.HTTPError,
     http.client.HTTPException,
@@ -141,16 +144,15 @@ def retry_after_seconds(
     return max(0.0, (when - current).total_seconds())
 
 
-def classify_response(
-    status: int, body: bytes, headers: urllib3.HTTPHeaderDict, url: str
-) -> ApiError:
+def classify_response(status: int, body: bytes, headers: Mapping[str, str], url: str) -> ApiError:
+    """The error an answer other than 200 means; `headers` looked up in lower case."""
     snippet = body[:MAX_BODY_IN_REASON].decode("utf-8", "replace").strip()
     if status == 400 and b"is not ready yet" in body:
         # MLServer answers 400 "Model X is not ready yet" while a model (re)loads.
         return TransientApiError(f"HTTP {status} {snippet}".rstrip(), status)
     if status in TRANSIENT_STATUSES:
         retry_after = (
-            retry_after_seconds(headers.get("Retry-After")) if status in (429, 503) else None
+            retry_after_seconds(headers.get("retry-after")) if status in (429, 503) else None
         )
         return TransientApiError(f"HTTP {status} {snippet}".rstrip(), status, retry_after)
     if status in REJECTED_STATUSES:
@@ -223,16 +225,10 @@ class ScoringClient:
         elif basic_auth:
             headers.update(urllib3.make_headers(basic_auth=basic_auth))
         self.timeout = timeout
-        self._watchdog = Watchdog()
-        self._pool = pool_manager(
-            self._watchdog,
-            num_pools=2,
-            maxsize=pool_size,
-            block=True,  # never more connections than workers
-            retries=False,  # tenacity decides
-            timeout=urllib3.Timeout(total=timeout),
-            headers=headers,
-        )
+        # One keep-alive connection per scoring thread (never more than the workers);
+        # no retries of its own (tenacity decides), every request bounded as a whole.
+        self._transport = Transport(self.base_url, headers)
+        self._target = request_target(self.url)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -244,23 +240,21 @@ class ScoringClient:
         self._stop.set()
 
     def close(self) -> None:
-        self._pool.clear()
-        self._watchdog.close()
+        self._transport.close()
 
     def check_ready(self) -> None:
         """GET the health endpoint once; raise ApiUnavailableError unless it answers 2xx."""
         url = self.base_url + self.codec.health_path
-        with self._watchdog.bound(DEFAULT_HEALTH_TIMEOUT) as bound:
-            try:
-                response = self._pool.request(
-                    "GET", url, timeout=urllib3.Timeout(total=DEFAULT_HEALTH_TIMEOUT)
-                )
-            except TRANSPORT_ERRORS as exc:
-                problem = "timed out" if bound.expired else describe_transport_error(exc)
-                raise ApiUnavailableError(
-                    f"cannot reach the ML API at {redact_url(url)}: {problem}; "
-                    "check ML_API_URL and that the service is running"
-                ) from None
+        try:
+            response = self._transport.request(
+                "GET", request_target(url), None, DEFAULT_HEALTH_TIMEOUT
+            )
+        except TRANSPORT_ERRORS as exc:
+            raise ApiUnavailableError(
+                f"cannot reach the ML API at {redact_url(url)}: "
+                f"{describe_transport_error(exc)}; "
+                "check ML_API_URL and that the service is running"
+            ) from None
         if not 200 <= response.status < 300:
             raise ApiUnavailableError(
                 f"the ML API at {redact_url(url)} is not ready: HTTP {response.status}"
@@ -346,15 +340,15 @@ class ScoringClient:
                 raise ScoringStopped(self._stop_reason or "scoring stopped")
             began = time.perf_counter()
             try:
-                with self._watchdog.bound(self.timeout) as bound:
-                    response = self._pool.request("POST", self.url, body=body)
+                response = self._transport.request("POST", self._target, body, self.timeout)
             except TRANSPORT_ERRORS as exc:
                 latency = time.perf_counter() - began
                 self.stats.record("error", latency)
                 report(Outcome.OVERLOAD, latency)
                 problem = (
+                    # The transport's socket timeouts are what is left of the deadline.
                     f"timed out: no whole answer within API_TIMEOUT={self.timeout:g}s"
-                    if bound.expired
+                    if isinstance(exc, TimeoutError)
                     else describe_transport_error(exc)
                 )
                 transport = TransientApiError(problem)
@@ -484,6 +478,12 @@ def halves(
         (transactions.slice(0, middle), requests.slice(0, middle)),
         (transactions.slice(middle), requests.slice(middle)),
     )
+
+
+def request_target(url: str) -> str:
+    """The path and query of `url`, as the request line names them."""
+    parts = urlsplit(url)
+    return urlunsplit(("", "", parts.path or "/", parts.query, ""))
 
 
 def split_credentials(url: str) -> tuple[str, str | None]:

@@ -21,6 +21,7 @@ also the last one written.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ from library.models import (
     LINE_COLUMN,
     Counts,
     Failure,
-    Prediction,
     ScoreResult,
     SourceObject,
     WorkUnit,
@@ -431,15 +431,18 @@ class PreparedFlush:
                 model_version = result.predictions[-1].model_version
         quoted_versions: dict[str, str] = {}
 
-        def outcome_of(o: Prediction | Failure) -> str:
-            if isinstance(o, Prediction):
-                version = quoted_versions.get(o.model_version)
-                if version is None:
-                    version = quoted_versions[o.model_version] = csv_quote(o.model_version)
-                return f"{version},{o.fraud_score!r},{'t' if o.is_fraud else 'f'},,,"
+        def quoted(version: str) -> str:
+            text = quoted_versions.get(version)
+            if text is None:
+                text = quoted_versions[version] = csv_quote(version)
+            return text
+
+        known = quoted_versions.get
+
+        def failed(o: Failure) -> str:
             version = csv_quote(model_version) if model_version else ""
             status = "" if o.http_status is None else str(o.http_status)
-            return f"{version},,,{csv_quote(o.reason)},{status},{o.attempts}"
+            return f",{version},,,{csv_quote(o.reason)},{status},{o.attempts}"
 
         lines: list[str] = []
         invalid: list[dict[str, Any]] = []
@@ -449,14 +452,18 @@ class PreparedFlush:
             tx = unit.transactions
             if tx.height:
                 # Each row's transaction part was made on the reader thread
-                # (Sink.prepare_copy_lines); here it only gets its outcome appended.
-                outcome = {o.transaction_id: outcome_of(o) for o in result.predictions}
-                outcome.update((f.transaction_id, outcome_of(f)) for f in result.failures)
+                # (Sink.prepare_copy_lines, aligned row for row with the unit's
+                # transactions: WorkUnit checks it); here it only gets its outcome.
+                # Each row's outcome, with its leading comma, by transaction_id (a row
+                # repeated in the unit gets the one answer); joined in C by map().
+                outcome = {
+                    tid: f",{known(version) or quoted(version)},{score!r},{'t' if fraud else 'f'},,,"
+                    for tid, score, fraud, version in result.predictions
+                }
+                outcome.update((f.transaction_id, failed(f)) for f in result.failures)
                 ids = tx.get_column("transaction_id").to_list()
                 copy_lines = unit.copy_lines.to_list()
-                lines.extend(
-                    f"{line},{outcome[i]}" for line, i in zip(copy_lines, ids, strict=True)
-                )
+                lines.extend(map(operator.add, copy_lines, map(outcome.__getitem__, ids)))
             for row in unit.invalid:
                 invalid.append(
                     {
