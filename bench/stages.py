@@ -23,7 +23,7 @@ from library.config import Settings, load_settings
 from library.demo.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_score
 from library.jobs.flow import make_client, prepare_units
 from library.jobs.reading import ObjectReader
-from library.models import Prediction, PreparedChunk, ScoreResult, WorkUnit
+from library.models import Prediction, Predictions, PreparedChunk, ScoreResult, WorkUnit
 from library.score.client import ScoringClient, latest_rows
 from library.score.protocol import EVENT_TIME_FORMAT
 from library.stages import source
@@ -85,7 +85,7 @@ def local_scores(unit: WorkUnit) -> ScoreResult:
         seen[r["transaction_id"]] = Prediction(
             r["transaction_id"], s, s >= FRAUD_THRESHOLD, MODEL_VERSION
         )
-    return ScoreResult(predictions=list(seen.values()))
+    return ScoreResult(predictions=Predictions.of(seen.values()))
 
 
 def write() -> dict[str, float]:

@@ -62,7 +62,7 @@ from library.errors import (
     RejectedBatchError,
     TransientApiError,
 )
-from library.models import Failure, Prediction, ScoreResult
+from library.models import Failure, Predictions, ScoreResult
 from library.score.concurrency import Limiter, Outcome
 from library.score.deadline import Transport
 from library.score.protocol import Codec, MalformedResponse
@@ -331,7 +331,7 @@ class ScoringClient:
 
     def _post(
         self, transactions: pl.DataFrame, requests: pl.DataFrame, ids: list[str]
-    ) -> list[Prediction]:
+    ) -> Predictions:
         if self._stop.is_set():
             raise ScoringStopped(self._stop_reason or "scoring stopped")
         body = self.codec.encode(transactions, requests)

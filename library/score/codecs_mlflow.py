@@ -33,7 +33,7 @@ import orjson
 import polars as pl
 
 from library.contract import REQUIRED_COLUMNS
-from library.models import Prediction
+from library.models import Predictions
 from library.score.protocol import EVENT_TIME_FORMAT, MalformedResponse, load_json, probability
 
 ROW_COLUMN = "row"  # the request rows' one column: each row's JSON array
@@ -88,7 +88,7 @@ class MlflowCodec:
         rows = requests.get_column(ROW_COLUMN).to_list()
         return (self._head + ",".join(rows) + "]}}").encode()
 
-    def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]:
+    def decode(self, body: bytes, sent_ids: list[str]) -> Predictions:
         doc = load_json(body)
         if isinstance(doc, dict):
             if "predictions" not in doc:
@@ -107,7 +107,7 @@ class MlflowCodec:
             )
         width = _width(items[0], sent_ids[0]) if items else 0
         threshold, version = self.threshold, self.model_version
-        out: list[Prediction] = []
+        scores: list[float] = []
         for tid, item in zip(sent_ids, items, strict=True):
             if _width(item, tid) != width:
                 raise MalformedResponse(
@@ -121,8 +121,8 @@ class MlflowCodec:
                 score = probability(item[0], "fraud_score", tid)
             else:
                 score = probability(item, "fraud_score", tid)
-            out.append(Prediction(tid, score, score >= threshold, version))
-        return out
+            scores.append(score)
+        return Predictions.answer(list(sent_ids), scores, [s >= threshold for s in scores], version)
 
 
 def _width(item: Any, tid: str) -> int:

@@ -49,7 +49,7 @@ import orjson
 import polars as pl
 
 from library.contract import REQUIRED_COLUMNS
-from library.models import Prediction
+from library.models import Predictions
 from library.score.protocol import EVENT_TIME_FORMAT, MalformedResponse, load_json, probability
 
 OUTPUT = "predict_proba"
@@ -110,7 +110,7 @@ class V2Codec:
             }
         )
 
-    def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]:
+    def decode(self, body: bytes, sent_ids: list[str]) -> Predictions:
         doc = load_json(body)
         if not isinstance(doc, dict):
             raise MalformedResponse("response is not a JSON object", status=200)
@@ -125,12 +125,11 @@ class V2Codec:
         if not isinstance(version, str) or not version:
             version = self.model_version or self.model_name
         threshold = self.threshold
-        out: list[Prediction] = []
+        scores: list[float] = []
         for i, tid in enumerate(sent_ids):
             probability(data[2 * i], "p_legit", tid)
-            score = probability(data[2 * i + 1], "p_fraud", tid)
-            out.append(Prediction(tid, score, score >= threshold, version))
-        return out
+            scores.append(probability(data[2 * i + 1], "p_fraud", tid))
+        return Predictions.answer(list(sent_ids), scores, [s >= threshold for s in scores], version)
 
     def _probabilities(self, doc: dict[str, Any], n: int) -> list[Any]:
         """The predict_proba output's 2n values, row-major, checked for shape."""

@@ -17,7 +17,7 @@ import orjson
 import polars as pl
 
 from library.errors import TransientApiError
-from library.models import Prediction
+from library.models import Predictions
 
 EVENT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%.fZ"
 
@@ -40,7 +40,7 @@ class Codec(Protocol):
         """One request body: `requests` is `prepare`'s output for exactly these rows."""
         ...
 
-    def decode(self, body: bytes, sent_ids: list[str]) -> list[Prediction]: ...
+    def decode(self, body: bytes, sent_ids: list[str]) -> Predictions: ...
 
 
 def check_score(value: Any, tid: str) -> float:

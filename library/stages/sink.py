@@ -427,8 +427,7 @@ class PreparedFlush:
     def build(cls, buffer: FlushBuffer, known_version: str | None) -> PreparedFlush:
         model_version = known_version
         for _unit, result in buffer.units:
-            if result.predictions:
-                model_version = result.predictions[-1].model_version
+            model_version = result.predictions.last_version or model_version
         quoted_versions: dict[str, str] = {}
 
         def quoted(version: str) -> str:
@@ -454,16 +453,34 @@ class PreparedFlush:
                 # Each row's transaction part was made on the reader thread
                 # (Sink.prepare_copy_lines, aligned row for row with the unit's
                 # transactions: WorkUnit checks it); here it only gets its outcome.
-                # Each row's outcome, with its leading comma, by transaction_id (a row
-                # repeated in the unit gets the one answer); joined in C by map().
-                outcome = {
-                    tid: f",{known(version) or quoted(version)},{score!r},{'t' if fraud else 'f'},,,"
-                    for tid, score, fraud, version in result.predictions
-                }
-                outcome.update((f.transaction_id, failed(f)) for f in result.failures)
+                # Each answered row's outcome, with its leading comma, made from the
+                # answer's columns, one model version at a time.
+                predictions = result.predictions
+                texts: list[str] = []
+                start = 0
+                for count, version in predictions.versions:
+                    head = "," + (known(version) or quoted(version)) + ","
+                    end = start + count
+                    texts += [
+                        head + score + (",t,,," if fraud else ",f,,,")
+                        for score, fraud in zip(
+                            map(repr, predictions.scores[start:end]),
+                            predictions.is_fraud[start:end],
+                            strict=True,
+                        )
+                    ]
+                    start = end
                 ids = tx.get_column("transaction_id").to_list()
                 copy_lines = unit.copy_lines.to_list()
-                lines.extend(map(operator.add, copy_lines, map(outcome.__getitem__, ids)))
+                if not result.failures and predictions.ids == ids:
+                    # The usual unit: answered in the order sent, nothing failed.
+                    lines.extend(map(operator.add, copy_lines, texts))
+                else:
+                    # By transaction_id (a row repeated in the unit gets the one
+                    # answer); joined in C by map().
+                    outcome = dict(zip(predictions.ids, texts, strict=True))
+                    outcome.update((f.transaction_id, failed(f)) for f in result.failures)
+                    lines.extend(map(operator.add, copy_lines, map(outcome.__getitem__, ids)))
             for row in unit.invalid:
                 invalid.append(
                     {

@@ -10,7 +10,15 @@ from typing import Any
 import polars as pl
 
 from library.errors import DatabaseError
-from library.models import Counts, Failure, Prediction, ScoreResult, SourceObject, WorkUnit
+from library.models import (
+    Counts,
+    Failure,
+    Prediction,
+    Predictions,
+    ScoreResult,
+    SourceObject,
+    WorkUnit,
+)
 from library.score.concurrency import Limiter
 
 
@@ -54,7 +62,9 @@ class FakeClient:
         with self._lock:
             self.scored.extend(ids)
         return ScoreResult(
-            predictions=[Prediction(i, 0.1, False, "m1") for i in ids if i not in self.failed_ids],
+            predictions=Predictions.of(
+                Prediction(i, 0.1, False, "m1") for i in ids if i not in self.failed_ids
+            ),
             failures=[Failure(i, "HTTP 422: refused", 422, 1) for i in ids if i in self.failed_ids],
         )
 

@@ -22,7 +22,8 @@ import pytest
 import urllib3
 
 from library.contract import REQUIRED_COLUMNS
-from library.models import Prediction, RowChunk, SourceObject
+from library.models import Prediction, Predictions, RowChunk, SourceObject
+from library.score.codec import NativeCodec
 from library.score.codecs_mlflow import ROW_COLUMN, MlflowCodec
 from library.score.codecs_v2 import V2Codec
 from library.score.protocol import Codec, MalformedResponse
@@ -133,7 +134,7 @@ def test_mlflow_prepared_rows_survive_slicing_for_bisection() -> None:
 def test_mlflow_answers_map_to_ids_by_position(predictions: list[Any], scores: list[float]) -> None:
     ids = ["tx-c", "tx-a", "tx-b"]  # not sorted: position, not order, decides
     got = MlflowCodec("v9", 0.5).decode(mlflow_answer(predictions), ids)
-    assert got == [
+    assert list(got) == [
         Prediction("tx-c", scores[0], scores[0] >= 0.5, "v9"),
         Prediction("tx-a", scores[1], True, "v9"),
         Prediction("tx-b", 0.5, True, "v9"),  # at the threshold is fraud
@@ -175,6 +176,98 @@ def test_mlflow_malformed_answers_raise(body: bytes, message: str) -> None:
     with pytest.raises(MalformedResponse, match=message) as caught:
         MlflowCodec("v1", 0.5).decode(body, ["tx-1", "tx-2"])
     assert caught.value.status == 200
+
+
+def native_answer(*items: Any, version: Any = "m1") -> bytes:
+    return orjson.dumps({"model_version": version, "predictions": list(items)})
+
+
+def native(tid: str, score: Any = 0.25, fraud: Any = False) -> dict[str, Any]:
+    return {"transaction_id": tid, "fraud_score": score, "is_fraud": fraud}
+
+
+def test_native_answer_in_any_order_becomes_columns() -> None:
+    got = NativeCodec().decode(
+        native_answer(native("tx-2", 0.75, True), native("tx-1", 0.0)), ["tx-1", "tx-2"]
+    )
+    assert got == Predictions(["tx-2", "tx-1"], [0.75, 0.0], [True, False], [(2, "m1")])
+    # An integer score is a number: the row-by-row checks take it as a float.
+    got = NativeCodec().decode(
+        native_answer(native("tx-1", 1), native("tx-2", 0)), ["tx-1", "tx-2"]
+    )
+    assert got.scores == [1.0, 0.0] and all(type(s) is float for s in got.scores)
+
+
+NATIVE_MALFORMED = [
+    ("not an object", native_answer(native("tx-1"), 3), "a prediction is not a JSON object"),
+    (
+        "no id",
+        native_answer(native("tx-1"), {"fraud_score": 0.1}),
+        "unexpected transaction_id None",
+    ),
+    (
+        "list id",
+        native_answer(native("tx-1"), native(["tx-2"])),
+        r"unexpected transaction_id \['tx-2'\]",
+    ),
+    (
+        "unknown id",
+        native_answer(native("tx-1"), native("tx-9")),
+        "unexpected transaction_id 'tx-9'",
+    ),
+    ("twice", native_answer(native("tx-1"), native("tx-1")), "transaction_id tx-1 answered twice"),
+    (
+        "score above 1",
+        native_answer(native("tx-1"), native("tx-2", 1.5)),
+        "fraud_score of tx-2 is outside",
+    ),
+    (
+        "string score",
+        native_answer(native("tx-1", "0.1"), native("tx-2")),
+        "fraud_score of tx-1 is not a number",
+    ),
+    (
+        "boolean score",
+        native_answer(native("tx-1"), native("tx-2", True)),
+        "fraud_score of tx-2 is not a number",
+    ),
+    (
+        "no score",
+        native_answer(native("tx-1"), {"transaction_id": "tx-2", "is_fraud": False}),
+        "fraud_score of tx-2 is not a number",
+    ),
+    (
+        "flag not boolean",
+        native_answer(native("tx-1"), native("tx-2", 0.1, 1)),
+        "is_fraud of tx-2 is not a boolean",
+    ),
+    (
+        "first error named",
+        native_answer(native("tx-1", 2.0), native("tx-1")),
+        "fraud_score of tx-1 is outside",
+    ),
+    ("no version", native_answer(native("tx-1"), native("tx-2"), version=""), "no model_version"),
+    ("too few", native_answer(native("tx-1")), "expected 2 predictions, got 1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"), [c[1:] for c in NATIVE_MALFORMED], ids=[c[0] for c in NATIVE_MALFORMED]
+)
+def test_native_malformed_answers_name_the_first_bad_row(body: bytes, message: str) -> None:
+    with pytest.raises(MalformedResponse, match=message):
+        NativeCodec().decode(body, ["tx-1", "tx-2"])
+
+
+def test_merged_answers_keep_each_ones_model_version() -> None:
+    merged = Predictions()
+    merged.extend(Predictions.answer(["a", "b"], [0.1, 0.2], [False, False], "v1"))
+    merged.extend(Predictions.answer(["c"], [0.9], [True], "v1"))
+    merged.extend(Predictions.answer([], [], [], "v9"))  # an empty answer adds no version
+    merged.extend(Predictions.answer(["d"], [0.3], [False], "v2"))
+    assert merged.versions == [(3, "v1"), (1, "v2")] and merged.last_version == "v2"
+    assert list(merged)[2:] == [Prediction("c", 0.9, True, "v1"), Prediction("d", 0.3, False, "v2")]
+    assert Predictions.of(merged) == merged
 
 
 def test_mlflow_needs_a_version() -> None:
@@ -219,7 +312,7 @@ def test_v2_answers_map_to_ids_by_position_with_the_servers_version() -> None:
     ids = ["tx-c", "tx-a", "tx-b"]
     flat = [0.9, 0.1, 0.2, 0.8, 0.5, 0.5]
     got = V2Codec("fraud", "fallback", 0.5).decode(v2_answer(flat, 3, version="7"), ids)
-    assert got == [
+    assert list(got) == [
         Prediction("tx-c", 0.1, False, "7"),
         Prediction("tx-a", 0.8, True, "7"),
         Prediction("tx-b", 0.5, True, "7"),
@@ -244,7 +337,7 @@ def test_v2_model_version_falls_back(
 def test_v2_echoed_request_id_is_checked() -> None:
     codec = V2Codec("fraud", None, 0.5)
     ok = codec.decode(v2_answer([0.6, 0.4], 1, request_id="tx-1#1"), ["tx-1"])
-    assert ok[0].fraud_score == 0.4
+    assert ok.scores == [0.4]
     with pytest.raises(MalformedResponse, match="response id 'tx-9#1' is not the request's"):
         codec.decode(v2_answer([0.6, 0.4], 1, request_id="tx-9#1"), ["tx-1"])
 

@@ -13,6 +13,7 @@ from library.models import (
     Failure,
     InvalidRow,
     Prediction,
+    Predictions,
     Reason,
     RowChunk,
     ScoreResult,
@@ -54,7 +55,9 @@ def unit(
 
 
 def scored(*ids: str, version: str = "v1", score: float = 0.25) -> ScoreResult:
-    return ScoreResult(predictions=[Prediction(i, score, score >= 0.5, version) for i in ids])
+    return ScoreResult(
+        predictions=Predictions.of(Prediction(i, score, score >= 0.5, version) for i in ids)
+    )
 
 
 def failed(*ids: str, status: int = 422) -> ScoreResult:
@@ -98,6 +101,31 @@ def test_a_repeated_id_in_one_flush_keeps_the_latest_row(sink: Sink, database: D
     sink.flush()
     assert database.rows("SELECT amount FROM transactions") == [(Decimal("3.00"),)]
     assert database.rows("SELECT fraud_score, prediction FROM predictions") == [(0.9, True)]
+
+
+def test_each_row_gets_its_own_answer_in_any_order_and_version(
+    sink: Sink, database: Database
+) -> None:
+    # Answered out of order, from two model versions (bisection merged two answers),
+    # beside a failure: each row's outcome is found by its id.
+    predictions = Predictions()
+    predictions.extend(
+        Predictions.answer(["tx-000003", "tx-000001"], [0.75, 0.5], [True, True], "v2")
+    )
+    predictions.extend(Predictions.answer(["tx-000002"], [1e-05], [False], "v1"))
+    sink.add(
+        unit([row(1), row(2), row(3), row(4)]),
+        ScoreResult(predictions, [Failure("tx-000004", "rejected", 422, 1)]),
+    )
+    sink.flush()
+    assert database.rows(
+        "SELECT transaction_id, model_version, fraud_score, prediction FROM predictions ORDER BY 1"
+    ) == [
+        ("tx-000001", "v2", 0.5, True),
+        ("tx-000002", "v1", 1e-05, False),
+        ("tx-000003", "v2", 0.75, True),
+    ]
+    assert database.rows("SELECT transaction_id FROM failed_transactions") == [("tx-000004",)]
 
 
 def test_latest_row_wins_across_flushes_and_unchanged_rows_are_not_rewritten(
