@@ -94,6 +94,7 @@ class ApiError(PipelineError):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.attempts = 0  # set by the scoring client: the attempts made for the batch
 
 
 class TransientApiError(ApiError):
