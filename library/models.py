@@ -17,6 +17,7 @@ transactions.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -59,6 +60,10 @@ class InvalidRow:
     reasons: tuple[Reason, ...]
 
 
+# Undecodable bytes (surrogate escapes) and NUL: PostgreSQL's text cannot hold them.
+_UNSAFE_FOR_POSTGRES = re.compile("[\udc80-\udcff\x00]")
+
+
 def printable(text: str, limit: int = MAX_RAW_TEXT_CHARS, length: int | None = None) -> str:
     """Text safe to store in PostgreSQL: undecodable bytes and NULs become U+FFFD.
 
@@ -66,7 +71,7 @@ def printable(text: str, limit: int = MAX_RAW_TEXT_CHARS, length: int | None = N
     length = len(text) if length is None else length
     if length > limit:
         text = text[:limit] + f"... [{length - limit} more characters]"
-    if any("\udc80" <= ch <= "\udcff" or ch == "\x00" for ch in text):
+    if _UNSAFE_FOR_POSTGRES.search(text):
         text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         text = text.replace("\x00", "\ufffd")
     return text
