@@ -273,8 +273,9 @@ class ScoringClient:
         ids = transactions.get_column("transaction_id").to_list()
         if len(set(ids)) < len(ids):
             # The same id twice in one request would be ambiguous: send the latest row.
-            transactions, requests = latest_rows(transactions, requests)
-            ids = transactions.get_column("transaction_id").to_list()
+            keep = last_of_each(ids)
+            transactions, requests = transactions[keep], requests[keep]
+            ids = [ids[i] for i in keep]
         result = ScoreResult()
         self._score_into(transactions, requests, result, ids)
         return result
@@ -494,12 +495,19 @@ def _ids(transactions: pl.DataFrame) -> list[str]:
     return transactions.get_column("transaction_id").to_list()
 
 
+def last_of_each(ids: list[str]) -> list[int]:
+    """The positions of the last row of each id, in order. In Python on the ids the
+    client already holds: a polars filter on a 100-row batch cost about 300 us."""
+    last = {tid: i for i, tid in enumerate(ids)}
+    return sorted(last.values())
+
+
 def latest_rows(
     transactions: pl.DataFrame, requests: pl.DataFrame
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The last row of each transaction id, in order, with its request row."""
-    keep = transactions.get_column("transaction_id").is_last_distinct()
-    return transactions.filter(keep), requests.filter(keep)
+    keep = last_of_each(transactions.get_column("transaction_id").to_list())
+    return transactions[keep], requests[keep]
 
 
 def halves(

@@ -38,6 +38,7 @@ LATENCY_FLOOR = 0.005  # seconds: below this, latency noise is not a signal
 BASELINE_WINDOW = 200  # answers the typical latency is the median of
 RECENT_WINDOW = 10  # answers the recent latency is the median of
 MIN_BASELINE_SAMPLES = 50
+TYPICAL_REFRESH = 20  # answers between two computations of the typical latency
 HOLD_ROUNDS = 5  # after a decrease, rounds of successes before probing upward again
 MAX_HOLD_DOUBLINGS = 5  # failed probes in a row double the hold, up to 2^5 times
 
@@ -85,6 +86,7 @@ class Limiter:
         self._latencies: deque[float] = deque(maxlen=BASELINE_WINDOW)
         self._recent: deque[float] = deque(maxlen=RECENT_WINDOW)
         self._typical: float | None = None  # median of _latencies, refreshed every 20 answers
+        self._answers = 0  # successes seen, to refresh _typical every TYPICAL_REFRESH of them
         self._last_decrease_at = float("-inf")
         self._decreases = 0
         self._hold = 0  # successes to wait before the next increase
@@ -158,7 +160,10 @@ class Limiter:
             return
         self._latencies.append(latency)
         self._recent.append(latency)
-        if len(self._latencies) % 20 == 0 and len(self._latencies) >= MIN_BASELINE_SAMPLES:
+        self._answers += 1
+        # Counted apart from the window: once the window is full its length is always a
+        # multiple of 20, and the median of 200 was sorted again at every answer.
+        if self._answers % TYPICAL_REFRESH == 0 and len(self._latencies) >= MIN_BASELINE_SAMPLES:
             self._typical = _median(self._latencies)
         typical = self._typical
         if typical is not None and fresh and len(self._recent) == RECENT_WINDOW:
