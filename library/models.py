@@ -177,7 +177,7 @@ class WorkUnit:
         failed = 0
         if result.failures:
             failed_ids = {f.transaction_id for f in result.failures}
-            ids = self.transactions.get_column("transaction_id").to_list()
+            ids = result.ids_of(self.transactions)
             failed = sum(1 for i in ids if i in failed_ids)
         valid = self.transactions.height
         return Counts(self.rows, valid, len(self.invalid), valid - failed, failed)
@@ -273,6 +273,15 @@ class ScoreResult:
     failures: list[Failure] = field(default_factory=list)
     requests: int = 0
     retries: int = 0
+    # The batch's transaction ids in row order, repeats included, as the client listed
+    # them: the sink reuses the list rather than making it again from the frame.
+    ids: list[str] | None = None
+
+    def ids_of(self, transactions: pl.DataFrame) -> list[str]:
+        """The ids of `transactions`, the batch this result is for."""
+        if self.ids is not None and len(self.ids) == transactions.height:
+            return self.ids
+        return transactions.get_column("transaction_id").to_list()
 
 
 @dataclass

@@ -270,13 +270,13 @@ class ScoringClient:
     def score(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> ScoreResult:
         """Score one batch (`requests`: `prepare`'s rows for exactly these transactions);
         every transaction ends predicted or failed."""
-        ids = transactions.get_column("transaction_id").to_list()
+        ids = every_id = transactions.get_column("transaction_id").to_list()
         if len(set(ids)) < len(ids):
             # The same id twice in one request would be ambiguous: send the latest row.
             keep = last_of_each(ids)
             transactions, requests = transactions[keep], requests[keep]
             ids = [ids[i] for i in keep]
-        result = ScoreResult()
+        result = ScoreResult(ids=every_id)
         self._score_into(transactions, requests, result, ids)
         return result
 

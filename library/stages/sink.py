@@ -470,7 +470,7 @@ class PreparedFlush:
                         )
                     ]
                     start = end
-                ids = tx.get_column("transaction_id").to_list()
+                ids = result.ids_of(tx)
                 copy_lines = unit.copy_lines.to_list()
                 if not result.failures and predictions.ids == ids:
                     # The usual unit: answered in the order sent, nothing failed.

@@ -9,6 +9,7 @@ checks that they agree on every row.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import polars as pl
@@ -191,13 +192,19 @@ def typed_columns() -> list[pl.Expr]:
     ]
 
 
+@functools.cache
+def _rules() -> tuple[list[pl.Expr], list[pl.Expr], list[pl.Expr], pl.Expr]:
+    """The rules as expressions, built once: building them took about 0.6 ms of Python
+    per chunk, and expressions are immutable."""
+    valid = pl.all_horizontal(pl.col(c).is_not_null() for c in contract.REQUIRED_COLUMNS)
+    return extract_parts(), timestamp_fields(), typed_columns(), valid.alias("valid")
+
+
 def classify(frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.Series]:
     """Typed rows and the mask of valid ones."""
-    typed = (
-        frame.with_columns(extract_parts()).with_columns(timestamp_fields()).select(typed_columns())
-    )
-    valid = pl.all_horizontal(pl.col(c).is_not_null() for c in contract.REQUIRED_COLUMNS)
-    mask = typed.select(valid.alias("valid")).to_series()
+    parts, fields, typed_rules, valid = _rules()
+    typed = frame.with_columns(parts).with_columns(fields).select(typed_rules)
+    mask = typed.select(valid).to_series()
     return typed, mask
 
 
