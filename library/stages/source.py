@@ -591,7 +591,10 @@ class _LineRecorder:
         return end, "".join(reversed(pieces))  # at most the next line's start
 
 
-FAST_BLOCK_CHARS = 1 << 18  # text read at once; plain lines in it are parsed together
+# Text read at once. Its plain lines are set aside and parsed with the rest of the
+# chunk's; a block shorter than MAX_ROW_CHARS holds no line too long by its length
+# alone, so no block needs a line-by-line look (`_take_plain`).
+FAST_BLOCK_CHARS = 1 << 16
 # What only the csv reader may read: a quote, a carriage return (a line end of its
 # own, or half of one), NUL, and anything not ASCII (undecodable bytes among them).
 _NOT_PLAIN = re.compile("[^\x01-\x0c\x0e-\x21\x23-\x7f]")
@@ -759,28 +762,40 @@ def _take_plain(
     gathered: _Gathered,
 ) -> tuple[int, int]:
     """Take a span of plain lines into the chunk. The usual span (every line a row,
-    none too long, room for all) is only set aside, parsed with the chunk's others
-    in one pass; any other goes through `_plain_rows` at once.
+    none too long) is only set aside, parsed with the chunk's others in one pass; one
+    that runs past the chunk's room is cut at its last line that fits (the rest is read
+    again for the next chunk). Any other goes through `_plain_rows` at once.
 
     Returns the physical lines consumed and the characters of `span` left over."""
     n = span.count("\n")
+    taken, left = span, 0
+    if n > room:
+        end = _end_of_line(span, room)
+        taken, left, n = span[:end], len(span) - end, room
     if (
-        n <= room
-        and len(span) < max_row_chars
+        len(taken) < max_row_chars
         and first_line > resume_after_line
-        and "\n\n" not in span
-        and span[0] != "\n"
+        and "\n\n" not in taken
+        and taken[0] != "\n"
     ):
-        gathered.spans.append((span, first_line, n))
+        gathered.spans.append((taken, first_line, n))
         gathered.rows += n
         gathered.last_line = first_line + n - 1
-        return n, 0
+        return n, left
     frame, consumed, left = _plain_rows(
         span, first_line, resume_after_line, room, max_row_chars, gathered
     )
     if frame.height:
         _split_plain(frame, columns, gathered)
     return consumed, left
+
+
+def _end_of_line(text: str, lines: int) -> int:
+    """Where the `lines`-th line of `text` ends (after its line end)."""
+    end = -1
+    for _ in range(lines):
+        end = text.index("\n", end + 1)
+    return end + 1
 
 
 def read_chunks(
