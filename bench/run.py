@@ -472,7 +472,11 @@ def medians(runs: list[Measure]) -> dict[str, Any]:
     }
 
 
-STARTUP = [PYTHON, "-c", "import pipeline.batch.main, library.jobs.run, library.jobs.flow, boto3, smart_open"]
+STARTUP = [
+    PYTHON,
+    "-c",
+    "import pipeline.batch.main, library.jobs.run, library.jobs.flow, boto3, smart_open",
+]
 
 
 def measure_cpu(svc: Services, uri: str, args: argparse.Namespace, results: dict[str, Any]) -> None:

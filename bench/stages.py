@@ -24,7 +24,7 @@ from library.demo.reference_model import FRAUD_THRESHOLD, MODEL_VERSION, fraud_s
 from library.jobs.flow import make_client, prepare_units
 from library.jobs.reading import ObjectReader
 from library.models import Prediction, Predictions, PreparedChunk, ScoreResult, WorkUnit
-from library.score.client import ScoringClient, latest_rows
+from library.score.client import ScoringClient, distinct_rows
 from library.score.protocol import EVENT_TIME_FORMAT
 from library.stages import source
 from library.stages.batching import plan_units
@@ -181,10 +181,10 @@ def breakdown() -> dict[str, float]:
             continue
         batch, requests = unit.transactions, unit.requests
         began = time.thread_time()
-        ids = batch.get_column("transaction_id").to_list()
-        if len(set(ids)) < len(ids):  # as the client does: the latest row of an id
-            batch, requests = latest_rows(batch, requests)
-            ids = batch.get_column("transaction_id").to_list()
+        # As the client does: the latest row of an id.
+        batch, requests, ids = distinct_rows(
+            batch, requests, batch.get_column("transaction_id").to_list()
+        )
         body = codec.encode(batch, requests)
         timed("encode_request", began)
         answer = http.request(

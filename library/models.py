@@ -221,11 +221,7 @@ class Predictions:
         """Columns from rows (tests, the benchmark)."""
         rows = list(rows)
         out = cls([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-        for row in rows:
-            if out.versions and out.versions[-1][1] == row[3]:
-                out.versions[-1] = (out.versions[-1][0] + 1, row[3])
-            else:
-                out.versions.append((1, row[3]))
+        out._add_versions((1, r[3]) for r in rows)
         return out
 
     def extend(self, other: Predictions) -> None:
@@ -233,7 +229,11 @@ class Predictions:
         self.ids += other.ids
         self.scores += other.scores
         self.is_fraud += other.is_fraud
-        for rows, version in other.versions:
+        self._add_versions(other.versions)
+
+    def _add_versions(self, versions: Iterable[tuple[int, str]]) -> None:
+        """Append (rows, model_version) runs, joining a run to the last of the same version."""
+        for rows, version in versions:
             if self.versions and self.versions[-1][1] == version:
                 self.versions[-1] = (self.versions[-1][0] + rows, version)
             else:

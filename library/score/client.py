@@ -270,13 +270,9 @@ class ScoringClient:
     def score(self, transactions: pl.DataFrame, requests: pl.DataFrame) -> ScoreResult:
         """Score one batch (`requests`: `prepare`'s rows for exactly these transactions);
         every transaction ends predicted or failed."""
-        ids = every_id = transactions.get_column("transaction_id").to_list()
-        if len(set(ids)) < len(ids):
-            # The same id twice in one request would be ambiguous: send the latest row.
-            keep = last_of_each(ids)
-            transactions, requests = transactions[keep], requests[keep]
-            ids = [ids[i] for i in keep]
+        every_id = transactions.get_column("transaction_id").to_list()
         result = ScoreResult(ids=every_id)
+        transactions, requests, ids = distinct_rows(transactions, requests, every_id)
         self._score_into(transactions, requests, result, ids)
         return result
 
@@ -290,26 +286,23 @@ class ScoringClient:
     ) -> None:
         """Score with retries; a rejected batch (or a 500 that outlasts them) is split in
         halves, its transactions and their request rows alike."""
-        attempts = 0
         try:
-            attempts = self._attempt_until_answered(transactions, requests, result, ids, retry)
+            self._attempt_until_answered(transactions, requests, result, ids, retry)
         except RejectedBatchError as exc:
-            attempts = exc.attempts or attempts
             if len(ids) == 1:
-                result.failures.append(Failure(ids[0], str(exc), exc.status, attempts))
+                result.failures.append(Failure(ids[0], str(exc), exc.status, exc.attempts))
                 return
             for half in halves(transactions, requests):
                 self._score_into(*half, result, _ids(half[0]), retry)
         except TransientApiError as exc:
-            attempts = exc.attempts or attempts
             if self._stop.is_set():
                 raise ScoringStopped(self._stop_reason or str(exc)) from None
             if exc.status == 500 and len(ids) > 1:
                 for half in halves(transactions, requests):
                     self._score_into(*half, result, _ids(half[0]), retry=False)
                 return
-            reason = f"ML API failed after {attempts} attempts: {exc}"
-            result.failures.extend(Failure(tid, reason, exc.status, attempts) for tid in ids)
+            reason = f"ML API failed after {exc.attempts} attempts: {exc}"
+            result.failures.extend(Failure(tid, reason, exc.status, exc.attempts) for tid in ids)
 
     def _attempt_until_answered(
         self,
@@ -318,10 +311,10 @@ class ScoringClient:
         result: ScoreResult,
         ids: list[str],
         retry: bool,
-    ) -> int:
+    ) -> None:
         """POST until answered; a transient failure is retried (tenacity's full-jitter
-        waits, `_give_up`'s counting), anything else raised. Returns the attempts made;
-        an error raised carries them (`ApiError.attempts`).
+        waits, `_give_up`'s counting), anything else raised, carrying the attempts made
+        (`ApiError.attempts`).
 
         The loop is written out rather than run by `tenacity.Retrying`: its state
         machine cost every batch about 30 us and a reference cycle for the GC, and
@@ -340,7 +333,7 @@ class ScoringClient:
             result.requests += 1
             try:
                 result.predictions.extend(self._post(transactions, requests, ids))
-                return attempt
+                return
             except ApiError as exc:
                 exc.attempts = attempt
                 if not isinstance(exc, TransientApiError) or not retry:
@@ -495,19 +488,16 @@ def _ids(transactions: pl.DataFrame) -> list[str]:
     return transactions.get_column("transaction_id").to_list()
 
 
-def last_of_each(ids: list[str]) -> list[int]:
-    """The positions of the last row of each id, in order. In Python on the ids the
-    client already holds: a polars filter on a 100-row batch cost about 300 us."""
-    last = {tid: i for i, tid in enumerate(ids)}
-    return sorted(last.values())
-
-
-def latest_rows(
-    transactions: pl.DataFrame, requests: pl.DataFrame
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The last row of each transaction id, in order, with its request row."""
-    keep = last_of_each(transactions.get_column("transaction_id").to_list())
-    return transactions[keep], requests[keep]
+def distinct_rows(
+    transactions: pl.DataFrame, requests: pl.DataFrame, ids: list[str]
+) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+    """The rows to send, with their request rows and ids: the last row of each id, in
+    order (the same id twice in one request would be ambiguous). Found in Python on the
+    ids the client already holds: a polars filter cost about 300 us per batch."""
+    if len(set(ids)) == len(ids):
+        return transactions, requests, ids
+    keep = sorted({tid: i for i, tid in enumerate(ids)}.values())
+    return transactions[keep], requests[keep], [ids[i] for i in keep]
 
 
 def halves(
