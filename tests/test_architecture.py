@@ -25,7 +25,9 @@ def module_name(path: Path) -> str:
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
     """The modules `path` imports, as names of modules (a `from package import module`
     names the module; a `from module import name` names the module)."""
-    package = module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
+    package = (
+        module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
+    )
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -38,7 +40,9 @@ def imported_modules(path: Path, modules: set[str]) -> set[str]:
                 base = ".".join([*anchor, base] if base else anchor)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name in modules or name.split(".")[0] in ("pipeline", "bench")}
+    return {
+        name for name in found if name in modules or name.split(".")[0] in ("pipeline", "bench")
+    }
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -100,7 +104,6 @@ def test_the_stages_stand_apart() -> None:
     for codec in ("library.score.codecs_mlflow", "library.score.codecs_v2"):
         assert graph[codec] & {"library.score.codec", "library.score.client"} == set()
         assert "library.score.protocol" in graph[codec]
-
 
 
 # Lower layers never import higher ones: the stages, the scoring client, the state and
