@@ -168,7 +168,7 @@ def breakdown() -> dict[str, float]:
         began = timed("validate", began)
         requests = client.prepare(validated.valid)
         began = timed("encode_request", began)
-        copy_lines = Sink.prepare_copy_lines(validated.valid, chunk.obj)
+        copy_lines = Sink.prepare_copy_lines(validated.valid)
         timed("prepare_copy", began)
         prepared = PreparedChunk(validated, requests, copy_lines)
         units.extend(plan_units(prepared, settings.scoring.batch_size, len(units), number))

@@ -274,9 +274,7 @@ def prepare_units(
     is done here, once per chunk rather than once per batch; each unit carries its
     slice of both (WorkUnit.requests, WorkUnit.copy_lines)."""
     valid = chunk.valid
-    prepared = PreparedChunk(
-        chunk, client.prepare(valid), sink.prepare_copy_lines(valid, chunk.obj)
-    )
+    prepared = PreparedChunk(chunk, client.prepare(valid), sink.prepare_copy_lines(valid))
     return list(plan_units(prepared, api_batch_size, first_seq, chunk_number))
 
 

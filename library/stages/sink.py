@@ -13,9 +13,16 @@ predictions, resolve or record failures, drop stale predictions, insert the
 invalid rows and update the ledger, then COMMIT. (On a busy two-core machine
 each round trip waits for the backend to be scheduled; fourteen of them per
 flush cost more than the SQL.) A transaction_id repeated in a flush is reduced
-to its latest row by DISTINCT ON over the COPY order, so ON CONFLICT never meets
+to its latest row before the COPY (`latest_of_each`), so ON CONFLICT never meets
 the same key twice; units arrive in source order, so the latest row of a run is
 also the last one written.
+
+PostgreSQL is the usual limit of a run, so the staged rows are kept lean: a row
+names its source object by its number in the flush (`source`, an index into the
+flush's `source_uris` and `source_versions`), not by URI and ETag, which were a
+third of the COPY's bytes; the staging table has no ordering column and no
+DISTINCT ON to sort, and each CTE reads it directly rather than a materialised
+copy.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ from library.state import db, ledger
 log = logging.getLogger(__name__)
 
 TRANSACTION_COLUMNS = (*REQUIRED_COLUMNS, "source_uri", "source_version", "source_line")
+# A staged row: the transaction (its source object as a number, see the module's
+# docstring), then its outcome. The order of the COPY lines' fields.
+STAGED_COLUMNS = (*REQUIRED_COLUMNS, "source_line", "source")
 OUTCOME_COLUMNS = (
     "model_version",
     "fraud_score",
@@ -60,24 +70,33 @@ STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS stage_rows (
     transaction_id text, event_time timestamptz, account_id text, merchant_id text,
     merchant_category text, amount numeric(12, 2), currency text, country text,
-    channel text, card_present boolean, source_uri text, source_version text,
-    source_line bigint,
+    channel text, card_present boolean, source_line bigint,
+    source integer,  -- the object: an index into the flush's source_uris / source_versions
     model_version text, fraud_score double precision, prediction boolean,  -- scored
-    reason text, http_status integer, attempts integer,                    -- or failed
-    seq bigint GENERATED ALWAYS AS IDENTITY  -- COPY order: the latest row has the largest
+    reason text, http_status integer, attempts integer                     -- or failed
 ) ON COMMIT DELETE ROWS
 """
+
+# The sink's session joins at most a flush of staged rows to tables that grow to
+# millions of rows: index lookups are always the plan. Left to itself, the planner
+# (the temporary table has no statistics) may cache a generic plan chosen while the
+# tables were still small, which hashes a whole table, and keep it for the rest of
+# the run: every flush then reads all of `predictions` (seen here: 3 times slower).
+SESSION_SETTINGS = "SET enable_hashjoin = off; SET enable_mergejoin = off"
 
 _DATA = TRANSACTION_COLUMNS[1:]
 # The data tables' part of a flush; the ledger adds its own (`ledger.flush_statement`).
 DATA_CTES = f"""
-latest AS (
-    SELECT DISTINCT ON (transaction_id) * FROM stage_rows ORDER BY transaction_id, seq DESC
+sourced AS (
+    -- The staged transactions with their source object's URI and version.
+    SELECT s.*, (%(source_uris)s::text[])[s.source] AS source_uri,
+        (%(source_versions)s::text[])[s.source] AS source_version
+    FROM stage_rows s
 ), upsert_transactions AS (
     -- Rows identical to the stored ones are left alone: ON CONFLICT DO UPDATE would
     -- lock them (writing their tuple header and WAL) even when its WHERE is false.
     INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS)}, run_id)
-    SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM latest l
+    SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM sourced l
     WHERE NOT EXISTS (
         SELECT 1 FROM transactions t WHERE t.transaction_id = l.transaction_id
         AND ({", ".join(f"t.{c}" for c in _DATA)}) IS NOT DISTINCT FROM ({", ".join(f"l.{c}" for c in _DATA)}))
@@ -91,7 +110,7 @@ latest AS (
 ), upsert_predictions AS (
     INSERT INTO predictions (transaction_id, model_version, fraud_score, prediction, run_id)
     SELECT transaction_id, model_version, fraud_score, prediction, %(run_id)s
-    FROM latest l WHERE fraud_score IS NOT NULL
+    FROM stage_rows l WHERE fraud_score IS NOT NULL
     AND NOT EXISTS (
         SELECT 1 FROM predictions p WHERE p.transaction_id = l.transaction_id
         AND p.model_version = l.model_version
@@ -106,19 +125,19 @@ latest AS (
 ), resolve_failures AS (
     -- Scored now: any open failure of the transaction is resolved.
     UPDATE failed_transactions f SET resolved_at = now(), resolved_by_run = %(run_id)s
-    FROM latest l
+    FROM stage_rows l
     WHERE l.fraud_score IS NOT NULL AND f.transaction_id = l.transaction_id AND f.resolved_at IS NULL
     RETURNING 1
 ), drop_stale_predictions AS (
     -- Failed now: the prediction of the same model version described an older row.
-    DELETE FROM predictions p USING latest l
+    DELETE FROM predictions p USING stage_rows l
     WHERE l.reason IS NOT NULL AND p.transaction_id = l.transaction_id
         AND p.model_version = l.model_version
     RETURNING 1
 ), upsert_failures AS (
     INSERT INTO failed_transactions (transaction_id, model_version, reason, http_status, attempts, run_id)
     SELECT transaction_id, model_version, reason, http_status, attempts, %(run_id)s
-    FROM latest WHERE reason IS NOT NULL ORDER BY transaction_id
+    FROM stage_rows WHERE reason IS NOT NULL ORDER BY transaction_id
     ON CONFLICT (transaction_id) WHERE resolved_at IS NULL DO UPDATE SET
         model_version = EXCLUDED.model_version, reason = EXCLUDED.reason,
         http_status = EXCLUDED.http_status,
@@ -136,7 +155,7 @@ latest AS (
 )"""
 FLUSH_STATEMENT = ledger.flush_statement(DATA_CTES)
 
-STAGE_ROWS = f"stage_rows ({', '.join(TRANSACTION_COLUMNS + OUTCOME_COLUMNS)})"
+STAGE_ROWS = f"stage_rows ({', '.join(STAGED_COLUMNS + OUTCOME_COLUMNS)})"
 COPY_LINE = "copy_line"  # the name of the series `prepare_copy_lines` gives
 COPY_DATETIME = "%Y-%m-%dT%H:%M:%S%.6f+00:00"
 
@@ -212,10 +231,15 @@ class Sink:
             database_url,
             f"batch-pipeline sink {run_id}"[:63],
             retry_window,
-            on_reconnect=lambda conn: conn.execute(STAGING_DDL),
+            on_reconnect=self._set_up_session,
         )
 
     # -- lifecycle -------------------------------------------------------------
+
+    @staticmethod
+    def _set_up_session(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(STAGING_DDL)
+        conn.execute(SESSION_SETTINGS)
 
     def close(self) -> None:
         self.db.close()
@@ -223,11 +247,12 @@ class Sink:
     # -- preparing, on the reader thread ------------------------------------------
 
     @staticmethod
-    def prepare_copy_lines(frame: pl.DataFrame, obj: SourceObject) -> pl.Series:
-        """Each row's COPY line (its transaction part), aligned with `frame`: formatted once
-        per chunk by polars on the reader thread, so that the writer only joins strings
-        (polars calls made by the writer would queue behind the reader's on polars' shared
-        pool). It travels to the flush in `WorkUnit.copy_lines`."""
+    def prepare_copy_lines(frame: pl.DataFrame) -> pl.Series:
+        """Each row's COPY line (its transaction part, up to `source_line`), aligned with
+        `frame`: formatted once per chunk by polars on the reader thread, so that the
+        writer only joins strings (polars calls made by the writer would queue behind the
+        reader's on polars' shared pool). It travels to the flush in
+        `WorkUnit.copy_lines`; the flush adds the source object's number and the outcome."""
         if frame.height == 0:
             return pl.Series(COPY_LINE, [], dtype=pl.String)
         line = pl.concat_str(
@@ -242,8 +267,6 @@ class Sink:
                 pl.col("country"),
                 pl.col("channel"),
                 pl.when(pl.col("card_present")).then(pl.lit("t")).otherwise(pl.lit("f")),
-                _quoted(pl.lit(obj.uri)),
-                _quoted(pl.lit(obj.version)),
                 pl.col(LINE_COLUMN).cast(pl.String),
             ],
             separator=",",
@@ -377,6 +400,8 @@ class Sink:
         )
         return {
             **ledger.flush_params(self.run_id, objects, run),
+            "source_uris": [uri for uri, _version in batch.sources],
+            "source_versions": [version for _uri, version in batch.sources],
             "invalid": orjson.dumps(batch.invalid).decode(),
         }
 
@@ -416,6 +441,7 @@ class PreparedFlush:
     """Everything one flush writes."""
 
     rows: str  # COPY csv text: each transaction row with its outcome
+    sources: list[tuple[str, str]]  # (uri, version) of the objects the rows name by number, 1 first
     invalid: list[dict[str, Any]]
     counts: Counts
     objects: list[tuple[ObjectProgress, Counts]]
@@ -436,30 +462,27 @@ class PreparedFlush:
                 text = quoted_versions[version] = csv_quote(version)
             return text
 
-        known = quoted_versions.get
-
-        def failed(o: Failure) -> str:
-            version = csv_quote(model_version) if model_version else ""
-            status = "" if o.http_status is None else str(o.http_status)
-            return f",{version},,,{csv_quote(o.reason)},{status},{o.attempts}"
-
         lines: list[str] = []
+        ids: list[str] = []  # each line's transaction_id
+        sources: dict[tuple[str, str], int] = {}
         invalid: list[dict[str, Any]] = []
         counts = Counts()
         deltas: dict[tuple[str, str], Counts] = {}
         for unit, result in buffer.units:
             tx = unit.transactions
             if tx.height:
+                source = sources.setdefault((unit.obj.uri, unit.obj.version), len(sources) + 1)
                 # Each row's transaction part was made on the reader thread
                 # (Sink.prepare_copy_lines, aligned row for row with the unit's
-                # transactions: WorkUnit checks it); here it only gets its outcome.
-                # Each answered row's outcome, with its leading comma, made from the
-                # answer's columns, one model version at a time.
+                # transactions: WorkUnit checks it); here it only gets its source
+                # object's number and its outcome. Each answered row's outcome, with
+                # its leading comma, made from the answer's columns, one model version
+                # at a time.
                 predictions = result.predictions
                 texts: list[str] = []
                 start = 0
                 for count, version in predictions.versions:
-                    head = "," + (known(version) or quoted(version)) + ","
+                    head = f",{source},{quoted(version)},"
                     end = start + count
                     texts += [
                         head + score + (",t,,," if fraud else ",f,,,")
@@ -470,17 +493,21 @@ class PreparedFlush:
                         )
                     ]
                     start = end
-                ids = result.ids_of(tx)
+                unit_ids = result.ids_of(tx)
                 copy_lines = unit.copy_lines.to_list()
-                if not result.failures and predictions.ids == ids:
+                if not result.failures and predictions.ids == unit_ids:
                     # The usual unit: answered in the order sent, nothing failed.
                     lines.extend(map(operator.add, copy_lines, texts))
                 else:
                     # By transaction_id (a row repeated in the unit gets the one
                     # answer); joined in C by map().
                     outcome = dict(zip(predictions.ids, texts, strict=True))
-                    outcome.update((f.transaction_id, failed(f)) for f in result.failures)
-                    lines.extend(map(operator.add, copy_lines, map(outcome.__getitem__, ids)))
+                    version = quoted(model_version) if model_version else ""
+                    outcome.update(
+                        (f.transaction_id, _failed(f, source, version)) for f in result.failures
+                    )
+                    lines.extend(map(operator.add, copy_lines, map(outcome.__getitem__, unit_ids)))
+                ids += unit_ids
             for row in unit.invalid:
                 invalid.append(
                     {
@@ -503,5 +530,25 @@ class PreparedFlush:
                 completed += 1
             elif progress.status == "failed":
                 failed_objects += 1
+        lines = latest_of_each(lines, ids)
         rows = "\n".join(lines) + "\n" if lines else ""
-        return cls(rows, invalid, counts, objects, completed, failed_objects, model_version)
+        return cls(
+            rows, list(sources), invalid, counts, objects, completed, failed_objects, model_version
+        )
+
+
+def _failed(failure: Failure, source: int, quoted_version: str) -> str:
+    """A failed row's outcome, with its leading comma."""
+    status = "" if failure.http_status is None else str(failure.http_status)
+    reason = csv_quote(failure.reason)
+    return f",{source},{quoted_version},,,{reason},{status},{failure.attempts}"
+
+
+def latest_of_each(lines: list[str], ids: list[str]) -> list[str]:
+    """The lines of a flush with the same transaction_id twice reduced to the latest of
+    each, in order: ON CONFLICT cannot meet a key twice in one statement, and the latest
+    row of the input is the one kept. Nearly every flush has none, found by one set."""
+    if len(set(ids)) == len(ids):
+        return lines
+    latest = {tid: i for i, tid in enumerate(ids)}
+    return [lines[i] for i in sorted(latest.values())]

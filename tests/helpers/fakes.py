@@ -96,7 +96,7 @@ class FakeSink:
         self.closed = False
 
     @staticmethod
-    def prepare_copy_lines(frame: pl.DataFrame, obj: SourceObject) -> pl.Series:
+    def prepare_copy_lines(frame: pl.DataFrame) -> pl.Series:
         return pl.Series("copy_lines", [""] * frame.height, dtype=pl.String)
 
     def begin_object(self, obj: SourceObject, checkpoint: int, prior: Any, fence: int) -> None:

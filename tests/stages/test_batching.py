@@ -20,9 +20,7 @@ def prepared(records: list[dict[str, str]]) -> PreparedChunk:
     chunk = RowChunk(OBJ, 0, as_frame(records), [""] * len(records), [], len(records) + 1)
     validated = validate_chunk(chunk)
     valid = validated.valid
-    return PreparedChunk(
-        validated, NativeCodec().prepare(valid), Sink.prepare_copy_lines(valid, OBJ)
-    )
+    return PreparedChunk(validated, NativeCodec().prepare(valid), Sink.prepare_copy_lines(valid))
 
 
 def test_each_unit_carries_its_own_slice_of_every_preparation() -> None:

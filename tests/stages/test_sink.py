@@ -48,7 +48,7 @@ def unit(
         seq,
         transactions,
         NativeCodec().prepare(transactions),
-        Sink.prepare_copy_lines(transactions, OBJ),
+        Sink.prepare_copy_lines(transactions),
         invalid or [],
         line,
     )
