@@ -79,8 +79,8 @@ class NativeCodec:
             scores = [item["fraud_score"] for item in items]
             flags = [item["is_fraud"] for item in items]
             usual = (
-                len(set(ids)) == len(ids)
-                and set(ids) == set(sent_ids)
+                # Answered in the order sent (the ids sent are distinct), else as a set.
+                (ids == sent_ids or (len(set(ids)) == len(ids) and set(ids) == set(sent_ids)))
                 and (not items or _usual_scores(scores))
                 and set(map(type, flags)) <= {bool}
             )

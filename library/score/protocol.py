@@ -40,7 +40,11 @@ class Codec(Protocol):
         """One request body: `requests` is `prepare`'s output for exactly these rows."""
         ...
 
-    def decode(self, body: bytes, sent_ids: list[str]) -> Predictions: ...
+    def decode(self, body: bytes, sent_ids: list[str]) -> Predictions:
+        """The answer's predictions; `sent_ids` are the ids sent, in order, each once (the
+        client never sends an id twice: `distinct_rows`). MalformedResponse unless every
+        id sent is answered exactly once."""
+        ...
 
 
 def check_score(value: Any, tid: str) -> float:
