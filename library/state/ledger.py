@@ -101,7 +101,7 @@ class Ledger:
         self._held: dict[str, SourceObject] = {}  # lock key -> object
         self._lost: set[tuple[str, str]] = set()
         self._suspects: dict[str, float] = {}  # run id -> when it was first seen lockless
-        self._beating = threading.Event()
+        self._stopping = threading.Event()  # set to stop the heartbeat at once
         self._heart: threading.Thread | None = None
 
     # -- the connection's session state ----------------------------------------
@@ -297,21 +297,19 @@ class Ledger:
         runs found lockless at the start once their grace has passed."""
         if self._heart is not None:
             return
-        self._beating.set()
+        self._stopping.clear()
         self._heart = threading.Thread(target=self._beat, name="ledger-heartbeat", daemon=True)
         self._heart.start()
 
     def stop_heartbeat(self) -> None:
-        self._beating.clear()
+        self._stopping.set()
         if self._heart is not None and self._heart is not threading.current_thread():
             self._heart.join()
         self._heart = None
 
     def _beat(self) -> None:
-        while self._beating.is_set():
-            time.sleep(HEARTBEAT_SECONDS)
-            if not self._beating.is_set():
-                return
+        # A wait on the event, not a sleep: the end of a run does not wait out a beat.
+        while not self._stopping.wait(HEARTBEAT_SECONDS):
             try:
                 self.db.run(
                     "beating",
