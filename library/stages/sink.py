@@ -68,7 +68,7 @@ OUTCOME_COLUMNS = (
 
 STAGING_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS stage_rows (
-    transaction_id text, event_time timestamptz, account_id text, merchant_id text,
+    transaction_id text COLLATE "C", event_time timestamptz, account_id text, merchant_id text,
     merchant_category text, amount numeric(12, 2), currency text, country text,
     channel text, card_present boolean, source_line bigint,
     source integer,  -- the object: an index into the flush's source_uris / source_versions
