@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from decimal import Decimal
 
 import polars as pl
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from library.errors import DatabaseError
 from library.models import (
@@ -21,7 +24,7 @@ from library.models import (
     WorkUnit,
 )
 from library.score.codec import NativeCodec
-from library.stages.sink import Sink
+from library.stages.sink import Sink, _score_texts
 from library.stages.validate import validate_chunk
 from library.state.ledger import Ledger
 from tests.conftest import Database
@@ -29,6 +32,7 @@ from tests.helpers.data import row
 from tests.stages.test_validate import as_frame
 
 OBJ = SourceObject("s3://b/in.csv", "etag-1")
+OTHER = SourceObject("s3://b/other.csv", "etag-9")
 
 
 def valid(records: list[dict[str, str]]) -> pl.DataFrame:
@@ -41,10 +45,11 @@ def unit(
     seq: int = 0,
     invalid: list[InvalidRow] | None = None,
     line: int = 10,
+    obj: SourceObject = OBJ,
 ) -> WorkUnit:
     transactions = valid(records)
     return WorkUnit(
-        OBJ,
+        obj,
         seq,
         transactions,
         NativeCodec().prepare(transactions),
@@ -126,6 +131,76 @@ def test_each_row_gets_its_own_answer_in_any_order_and_version(
         ("tx-000003", "v2", 0.75, True),
     ]
     assert database.rows("SELECT transaction_id FROM failed_transactions") == [("tx-000004",)]
+
+
+def test_scores_are_written_exactly(sink: Sink, database: Database) -> None:
+    scores = [0.0, 1.0, 1e-05, 5e-324, 0.1 + 0.2, 1 / 3, 0.9999999999999999, 2.5e-08]
+    ids = [f"tx-{i:06d}" for i in range(1, len(scores) + 1)]
+    sink.add(
+        unit([row(i) for i in range(1, len(scores) + 1)]),
+        ScoreResult(Predictions.answer(ids, scores, [s >= 0.5 for s in scores], "v1")),
+    )
+    sink.flush()
+    assert database.rows("SELECT fraud_score FROM predictions ORDER BY transaction_id") == [
+        (s,) for s in scores
+    ]
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=1.0)))
+def test_score_texts_read_back_as_the_same_doubles(scores: list[float]) -> None:
+    texts = _score_texts(scores)
+    assert len(texts) == len(scores)
+    assert [float(t) for t in texts] == scores
+
+
+def test_rows_of_two_objects_in_one_flush_name_their_own_object(
+    database_url: str, sink: Sink, database: Database
+) -> None:
+    ledger = Ledger(database_url, retry_window=5)
+    claim = ledger.claim(sink.run_id, OTHER)
+    sink.begin_object(OTHER, 1, None, claim.fence)
+    sink.add(unit([row(1), row(2)], line=3), scored("tx-000001", "tx-000002"))
+    sink.add(unit([row(3)], seq=1, line=2, obj=OTHER), failed("tx-000003"))
+    sink.add(unit([row(4)], seq=2, line=4), scored("tx-000004"))
+    sink.flush()
+    assert database.rows(
+        "SELECT transaction_id, source_uri, source_version, source_line FROM transactions"
+        " ORDER BY 1"
+    ) == [
+        ("tx-000001", OBJ.uri, OBJ.version, 2),
+        ("tx-000002", OBJ.uri, OBJ.version, 3),
+        ("tx-000003", OTHER.uri, OTHER.version, 2),
+        ("tx-000004", OBJ.uri, OBJ.version, 2),
+    ]
+    assert database.rows("SELECT transaction_id, reason FROM failed_transactions") == [
+        ("tx-000003", "rejected")
+    ]
+
+
+def test_flushes_look_rows_up_by_index_from_the_first_one(sink: Sink, database: Database) -> None:
+    # psycopg prepares the flush statement after a few flushes, and PostgreSQL may then
+    # keep a generic plan made while the tables were empty: it must still find rows by
+    # index, never read a whole data table (which grows to millions of rows).
+    flushes, size = 15, 20
+    for n in range(flushes):
+        records = [row(n * size + i) for i in range(size)]
+        sink.add(unit(records, seq=n), scored(*[r["transaction_id"] for r in records]))
+        sink.flush()
+    sink.close()  # the backend reports its table statistics as it exits
+    stats = "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE relname IN ({})"
+    tables = "'transactions', 'predictions', 'failed_transactions'"
+    deadline = time.monotonic() + 15
+    while (
+        database.value("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'predictions'")
+        != flushes * size
+    ):
+        assert time.monotonic() < deadline, "the sink's statistics never arrived"
+        time.sleep(0.1)
+    assert sorted(database.rows(stats.format(tables))) == [
+        ("failed_transactions", 0),
+        ("predictions", 0),
+        ("transactions", 0),
+    ]
 
 
 def test_latest_row_wins_across_flushes_and_unchanged_rows_are_not_rewritten(
