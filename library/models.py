@@ -265,6 +265,15 @@ class Failure:
     attempts: int
 
 
+def latest_positions(ids: list[str]) -> list[int] | None:
+    """Where the last row of each id stands, in order; None when no id repeats (the
+    usual case, found by one set). The latest row of an id is the one that counts:
+    in a request (the client) and in a flush (the sink)."""
+    if len(set(ids)) == len(ids):
+        return None
+    return sorted({tid: i for i, tid in enumerate(ids)}.values())
+
+
 @dataclass
 class ScoreResult:
     """What scoring one batch gave: every transaction either predicted or failed."""

@@ -48,6 +48,7 @@ from library.models import (
     ScoreResult,
     SourceObject,
     WorkUnit,
+    latest_positions,
 )
 from library.state import db, ledger
 
@@ -560,8 +561,6 @@ def _failed(failure: Failure, source: int, quoted_version: str) -> str:
 def latest_of_each(lines: list[str], ids: list[str]) -> list[str]:
     """The lines of a flush with the same transaction_id twice reduced to the latest of
     each, in order: ON CONFLICT cannot meet a key twice in one statement, and the latest
-    row of the input is the one kept. Nearly every flush has none, found by one set."""
-    if len(set(ids)) == len(ids):
-        return lines
-    latest = {tid: i for i, tid in enumerate(ids)}
-    return [lines[i] for i in sorted(latest.values())]
+    row of the input is the one kept."""
+    keep = latest_positions(ids)
+    return lines if keep is None else [lines[i] for i in keep]
