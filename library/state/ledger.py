@@ -508,15 +508,18 @@ JOIN source_objects s USING (source_uri, source_version)
 WHERE s.claim_fence <> o.claim_fence"""
 
 
-def flush_statement(data_ctes: str) -> str:
+def flush_statement(data_ctes: str, returning: str | None = None) -> str:
     """One statement for a whole flush: `data_ctes` (the caller's data-modifying CTEs,
     `name AS (...), ...`, with no WITH) first, then the ledger's part, which writes
     each touched object's checkpoint and counts behind its fence, the run's share of
     each, and the run's counts. A fence that moved on makes the statement fail with
-    SQLSTATE BPF01 (`batch_pipeline_claim_lost`, sql/V4), refusing the flush whole."""
+    SQLSTATE BPF01 (`batch_pipeline_claim_lost`, sql/V4), refusing the flush whole.
+    `returning`: an expression the statement returns, in its one row (the caller's
+    figures of its CTEs)."""
+    tail = f"\nRETURNING {returning}" if returning else ""
     return (
         f"\nWITH {data_ctes.strip()}, {_OBJECT_PROGRESS.strip()}, {_RUN_OBJECTS.strip()}\n"
-        f"{_RUN_PROGRESS.strip()}\n"
+        f"{_RUN_PROGRESS.strip()}{tail}\n"
     )
 
 

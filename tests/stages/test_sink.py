@@ -177,10 +177,20 @@ def test_rows_of_two_objects_in_one_flush_name_their_own_object(
     ]
 
 
-def test_flushes_look_rows_up_by_index_from_the_first_one(sink: Sink, database: Database) -> None:
+@pytest.mark.parametrize("probe_stored", [False, True], ids=["lean", "probing"])
+def test_flushes_look_rows_up_by_index_from_the_first_one(
+    sink: Sink, database: Database, monkeypatch: pytest.MonkeyPatch, probe_stored: bool
+) -> None:
     # psycopg prepares the flush statement after a few flushes, and PostgreSQL may then
     # keep a generic plan made while the tables were empty: it must still find rows by
-    # index, never read a whole data table (which grows to millions of rows).
+    # index, never read a whole data table (which grows to millions of rows). Both of
+    # the flush's statements (FLUSH_STATEMENTS) are held to it.
+    monkeypatch.setattr(
+        Sink,
+        "_probe_stored",
+        property(lambda _s: probe_stored, lambda _s, _v: None),
+        raising=False,
+    )
     flushes, size = 15, 20
     for n in range(flushes):
         records = [row(n * size + i) for i in range(size)]
@@ -216,6 +226,37 @@ def test_latest_row_wins_across_flushes_and_unchanged_rows_are_not_rewritten(
     sink.flush()
     assert database.rows("SELECT amount FROM transactions") == [(Decimal("77.00"),)]
     assert database.rows("SELECT updated_at FROM transactions") != first
+
+
+def test_rows_stored_as_they_are_are_not_even_locked_after_the_first_such_flush(
+    sink: Sink, database: Database
+) -> None:
+    # A rerun over rows already stored: its first flush finds them unchanged (and, by
+    # the lean statement, locks them); the flushes after it probe for them first and
+    # leave them untouched. New rows then go back to the lean statement.
+    def lockers() -> list[object]:
+        return database.rows("SELECT xmax::text FROM transactions ORDER BY transaction_id")
+
+    records = [row(i) for i in range(1, 21)]
+    ids = [r["transaction_id"] for r in records]
+    sink.add(unit(records), scored(*ids))
+    sink.flush()
+    assert set(lockers()) == {("0",)}  # inserted: nobody has locked them
+    assert not sink._probe_stored
+    sink.add(unit(records, seq=1), scored(*ids))
+    sink.flush()
+    locked = lockers()
+    assert set(locked) != {("0",)}  # the lean statement's ON CONFLICT locked them
+    assert sink._probe_stored
+    sink.add(unit(records, seq=2), scored(*ids))
+    sink.flush()
+    assert lockers() == locked  # probed first: not touched at all
+    fresh = [row(i) for i in range(21, 41)]
+    sink.add(unit(fresh, seq=3), scored(*[r["transaction_id"] for r in fresh]))
+    sink.flush()
+    assert not sink._probe_stored
+    assert database.value("SELECT count(*) FROM transactions") == 40
+    assert database.value("SELECT count(*) FROM predictions") == 40
 
 
 def test_a_failure_later_scored_is_resolved(sink: Sink, database: Database) -> None:
