@@ -33,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,18 +119,55 @@ def timed_process(
     args: list[str], env: dict[str, str], cwd: Path = ROOT
 ) -> tuple[float, float, int, str, float]:
     """Wall seconds, peak RSS (MB), exit code, output and CPU seconds (user + system,
-    from `wait4`) of one child process."""
+    from `wait4`) of one child process.
+
+    The peak RSS is the child's own high-water mark (VmHWM), read from /proc while it
+    runs, not `wait4`'s ru_maxrss: Linux records the forking process's high-water mark
+    in the child's ru_maxrss at exec, so every child of this process (which holds the
+    generated input) would report at least this process's peak."""
     began = time.perf_counter()
     proc = subprocess.Popen(
         args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     assert proc.stdout is not None
+    peak = HighWaterMark(proc.pid)
+    peak.start()
     output = proc.stdout.read().decode("utf-8", "replace")
+    peak.stop()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - began
     cpu = usage.ru_utime + usage.ru_stime
-    return seconds, usage.ru_maxrss / 1024, proc.returncode, output, cpu
+    return seconds, peak.kib / 1024, proc.returncode, output, cpu
+
+
+class HighWaterMark(threading.Thread):
+    """A running process's peak resident set (VmHWM, KiB), read every 20 ms until
+    `stop`: it only grows, so the last value read is the peak up to then (an exited
+    process has no memory left to read)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.path = Path(f"/proc/{pid}/status")
+        self.kib = 0
+        self._stopping = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self._read()
+            if self._stopping.wait(0.02):
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join()
+        self._read()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in self.path.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.kib = max(self.kib, int(line.split()[1]))
 
 
 def end_to_end(

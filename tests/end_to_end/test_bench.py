@@ -69,3 +69,23 @@ def test_the_benchmark_runs_and_reports_every_measure(tmp_path: Path) -> None:
     assert figures["one_core"]["rows_per_second"] > 0
     assert figures["one_core"]["own_rate_per_core"] > 0
     assert "efficiency" in proc.stdout and "end to end" in proc.stdout
+
+
+def test_a_measured_process_reports_its_own_peak_memory_not_the_benchmarks() -> None:
+    # Linux gives a child's ru_maxrss the forking process's high-water mark at exec:
+    # the benchmark holds its generated input, so wait4 alone would report at least
+    # the benchmark's own peak for every run it measures.
+    from bench.run import timed_process
+
+    held = bytearray(200 * 1024 * 1024)
+    held[::4096] = b"\x01" * len(held[::4096])  # resident, not just reserved
+    child = (
+        "import time\n"
+        "b = bytearray(40 * 1024 * 1024)\n"
+        "b[::4096] = b'\\x01' * len(b[::4096])\n"
+        "time.sleep(0.3)\n"
+    )
+    _seconds, peak_mb, code, output, _cpu = timed_process([sys.executable, "-c", child], {})
+    assert code == 0, output
+    assert 40 <= peak_mb < 120, peak_mb
+    del held
