@@ -106,8 +106,12 @@ _UNCHANGED_PREDICTION = """
         AND p.model_version = l.model_version
         AND (p.fraud_score, p.prediction) IS NOT DISTINCT FROM (l.fraud_score, l.prediction))"""
 
-# The data tables' part of a flush; the ledger adds its own (`ledger.flush_statement`).
-_DATA_CTES = f"""
+
+def _data_ctes(probe_stored: bool) -> str:
+    """The data tables' part of a flush; the ledger adds its own (`ledger.flush_statement`)."""
+    unchanged_transaction = _UNCHANGED_TRANSACTION if probe_stored else ""
+    unchanged_prediction = _UNCHANGED_PREDICTION if probe_stored else ""
+    return f"""
 sourced AS (
     -- The staged transactions with their source object's URI and version.
     SELECT s.*, (%(source_uris)s::text[])[s.source] AS source_uri,
@@ -115,7 +119,7 @@ sourced AS (
     FROM stage_rows s
 ), upsert_transactions AS (
     INSERT INTO transactions ({", ".join(TRANSACTION_COLUMNS)}, run_id)
-    SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM sourced l{{unchanged_transaction}}
+    SELECT {", ".join(TRANSACTION_COLUMNS)}, %(run_id)s FROM sourced l{unchanged_transaction}
     ORDER BY transaction_id
     ON CONFLICT (transaction_id) DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c in _DATA)},
@@ -126,7 +130,7 @@ sourced AS (
 ), upsert_predictions AS (
     INSERT INTO predictions (transaction_id, model_version, fraud_score, prediction, run_id)
     SELECT transaction_id, model_version, fraud_score, prediction, %(run_id)s
-    FROM stage_rows l WHERE fraud_score IS NOT NULL{{unchanged_prediction}}
+    FROM stage_rows l WHERE fraud_score IS NOT NULL{unchanged_prediction}
     ORDER BY transaction_id
     ON CONFLICT (transaction_id, model_version) DO UPDATE SET
         fraud_score = EXCLUDED.fraud_score, prediction = EXCLUDED.prediction,
@@ -165,17 +169,13 @@ sourced AS (
     WHERE invalid_rows.run_id IS DISTINCT FROM EXCLUDED.run_id
     RETURNING 1
 )"""
+
+
 # The rows a flush changed (inserted or updated), returned by its statement.
 _CHANGED = "(SELECT count(*) FROM upsert_transactions)"
 # By whether the flush probes for rows stored as they are.
 FLUSH_STATEMENTS = {
-    probe: ledger.flush_statement(
-        _DATA_CTES.replace(
-            "{unchanged_transaction}", _UNCHANGED_TRANSACTION if probe else ""
-        ).replace("{unchanged_prediction}", _UNCHANGED_PREDICTION if probe else ""),
-        returning=_CHANGED,
-    )
-    for probe in (False, True)
+    probe: ledger.flush_statement(_data_ctes(probe), returning=_CHANGED) for probe in (False, True)
 }
 
 STAGE_ROWS = f"stage_rows ({', '.join(STAGED_COLUMNS + OUTCOME_COLUMNS)})"
