@@ -199,12 +199,12 @@ def breakdown() -> dict[str, float]:
         buffer.rows += unit.rows
         if buffer.rows >= settings.sink.row_batch_size:
             began = time.thread_time()
-            PreparedFlush.build(buffer, None)
+            PreparedFlush.build(buffer, None, 0)
             timed("prepare_copy", began)
             buffer.clear()
     if buffer.units:
         began = time.thread_time()
-        PreparedFlush.build(buffer, None)
+        PreparedFlush.build(buffer, None, 0)
         timed("prepare_copy", began)
     return {"rows": rows, **spent}
 

@@ -305,7 +305,12 @@ def test_flushes_every_db_row_batch_size_rows(
     sink.add(unit([row(1), row(2)], line=3), scored("tx-000001", "tx-000002"))
     assert database.value("SELECT count(*) FROM transactions") == 0
     sink.add(unit([row(3)], seq=1, line=4), scored("tx-000003"))
-    assert database.value("SELECT count(*) FROM transactions") == 3
+    # Sent to the sink's thread: written without another call, while the caller goes on.
+    assert sink.pending_rows == 0
+    deadline = time.monotonic() + 15
+    while database.value("SELECT count(*) FROM transactions") != 3:
+        assert time.monotonic() < deadline, "the flush was never written"
+        time.sleep(0.02)
     assert database.value("SELECT checkpoint_line FROM source_objects") == 4
 
 
@@ -367,3 +372,78 @@ def test_concurrent_sinks_writing_the_same_ids_do_not_deadlock(
         t.join(60)
     assert not errors
     assert database.value("SELECT count(*) FROM transactions") == 300
+
+
+def test_a_refused_flush_and_the_one_queued_behind_it_are_written_again_without_the_lost_object(
+    database_url: str, database: Database
+) -> None:
+    # Flushes are written on the sink's thread while the writer goes on, two in flight
+    # at most. Here the first is held at its fence while the second is queued behind
+    # it; another run claims the first's object meanwhile. Neither may be written as
+    # sent: the queued one would otherwise commit the other object's checkpoint after
+    # a refused flush. Both come back, without the lost object's rows.
+    from datetime import datetime
+
+    import psycopg
+
+    ledger = Ledger(database_url, retry_window=5)
+    run_id = ledger.start_run(datetime(2026, 1, 1), "s3://b/", {})
+    fences = {obj: ledger.claim(run_id, obj).fence for obj in (OBJ, OTHER)}
+    lost: list[SourceObject] = []
+    sink = Sink(database_url, run_id, flush_rows=2, retry_window=5, on_claim_lost=lost.append)
+    for obj, fence in fences.items():
+        sink.begin_object(obj, 1, None, fence)
+    with psycopg.connect(database_url) as claimer:
+        # Another run's claim of OBJ, not yet committed: the first flush waits for it.
+        claimer.execute(
+            "UPDATE source_objects SET claim_fence = claim_fence + 1 WHERE source_uri = %s",
+            (OBJ.uri,),
+        )
+        sink.add(unit([row(1), row(2)], line=3), scored("tx-000001", "tx-000002"))
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        deadline = time.monotonic() + 15
+        while database.value(waiting) == 0:
+            assert time.monotonic() < deadline, "the first flush never reached the fence"
+            time.sleep(0.02)
+        sink.add(unit([row(3), row(4)], seq=1, line=3, obj=OTHER), scored("tx-000003", "tx-000004"))
+        assert sink.pending_rows == 0  # both sent
+        claimer.commit()
+    sink.flush()
+    assert lost == [OBJ]
+    assert database.rows("SELECT transaction_id FROM transactions ORDER BY 1") == [
+        ("tx-000003",),
+        ("tx-000004",),
+    ]
+    assert database.rows(
+        "SELECT source_uri, checkpoint_line, rows_read FROM source_objects ORDER BY 1"
+    ) == [(OBJ.uri, 1, 0), (OTHER.uri, 3, 2)]
+    assert sink.run.counts.read == 2
+    sink.close()
+    ledger.close()
+
+
+def test_no_flush_is_written_after_one_that_failed(sink: Sink, database: Database) -> None:
+    # The second flush is queued behind the first, which fails for good. Written
+    # anyway, the second would commit a checkpoint past the first's rows, and a rerun
+    # would resume after rows that were never stored.
+    import psycopg
+
+    sink.flush_rows = 2
+    with psycopg.connect(database.url) as schema_change:
+        # Not committed yet: the first flush waits for it, then breaks its CHECK.
+        schema_change.execute("ALTER TABLE transactions ADD CONSTRAINT small CHECK (amount < 1)")
+        sink.add(unit([row(1, amount="5.00"), row(2)], line=3), scored("tx-000001", "tx-000002"))
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        deadline = time.monotonic() + 15
+        while database.value(waiting) == 0:
+            assert time.monotonic() < deadline, "the first flush never waited for the lock"
+            time.sleep(0.02)
+        cheap = [row(3, amount="0.50"), row(4, amount="0.50")]
+        sink.add(unit(cheap, seq=1, line=5), scored("tx-000003", "tx-000004"))
+        assert sink.pending_rows == 0  # both sent
+        schema_change.commit()
+    with pytest.raises(DatabaseError, match="CheckViolation"):
+        sink.flush()
+    assert database.value("SELECT count(*) FROM transactions") == 0
+    assert database.value("SELECT checkpoint_line FROM source_objects") == 1
+    assert sink.run.counts.read == 0
