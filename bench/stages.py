@@ -201,7 +201,7 @@ def breakdown() -> dict[str, float]:
             began = time.thread_time()
             PreparedFlush.build(buffer, None, 0)
             timed("prepare_copy", began)
-            buffer.clear()
+            buffer = FlushBuffer()
     if buffer.units:
         began = time.thread_time()
         PreparedFlush.build(buffer, None, 0)
