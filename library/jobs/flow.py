@@ -5,6 +5,8 @@
     scoring pool              API_MAX_WORKERS threads, each scoring one unit at a time
     writer thread             takes units in queue order, waits for each one's scores
                               and hands it to the sink
+    the sink's flush thread   writes each flush the sink sends it, in order, while the
+                              writer gathers the next (stages/sink.py)
 
 The queue bounds the units read but not yet written, so memory stays flat
 however large the input. Writing in source order is what makes the latest row
