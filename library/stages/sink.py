@@ -477,7 +477,7 @@ class Sink:
     def _write_and_account(self, batch: PreparedFlush) -> tuple[float, float]:
         """On the sink's thread: write a flush, then count it as written. Its parameters
         are made here, once the flush before has committed and been accounted; the
-        checkpoints and statuses come from the build (`ObjectFlushState`)."""
+        checkpoints and statuses come from the build (`TouchedObject`)."""
         if self._refused:
             raise _NotSent
         began = time.perf_counter()
