@@ -201,8 +201,10 @@ class Writer(threading.Thread):
                 item = self.items.get(timeout=interval)
             except queue.Empty:
                 times.writer_waited_on_read += time.perf_counter() - waited
-                if self.sink.pending_rows:
-                    self.sink.flush()  # keep checkpoints fresh while scoring is slow
+                if self.sink.pending_rows or self.sink.flushes_in_flight:
+                    # Keep checkpoints fresh while scoring is slow, and learn of a
+                    # failed write without waiting for the next flush.
+                    self.sink.flush()
                 continue
             times.writer_waited_on_read += time.perf_counter() - waited
             if item is _STOP:

@@ -397,7 +397,13 @@ class Sink:
 
     @property
     def pending_rows(self) -> int:
+        """Rows buffered, not yet sent to the sink's thread."""
         return self._buffer.rows
+
+    @property
+    def flushes_in_flight(self) -> int:
+        """Flushes sent and not yet settled: an error of theirs shows when they are."""
+        return len(self._in_flight)
 
     # -- writing ---------------------------------------------------------------
 

@@ -85,7 +85,9 @@ class FakeRunStats:
 
 
 class FakeSink:
-    """Records what the writer hands it; `fail_on_add` makes add() raise on that unit."""
+    """Records what the writer hands it; `fail_on_add` makes add() raise on that unit;
+    `flushes_in_flight` > 0 with `fail_in_flight` makes the next flush raise, as a
+    flush sent earlier that failed on the sink's thread."""
 
     def __init__(self, fail_on_add: int | None = None) -> None:
         self.events: list[tuple[str, Any]] = []
@@ -93,6 +95,8 @@ class FakeSink:
         self.written: list[int] = []  # seqs flushed, in order
         self.run = FakeRunStats()
         self.fail_on_add = fail_on_add
+        self.flushes_in_flight = 0
+        self.fail_in_flight = False
         self.closed = False
 
     @staticmethod
@@ -114,6 +118,10 @@ class FakeSink:
         return sum(u.rows for u in self.pending)
 
     def flush(self) -> None:
+        if self.flushes_in_flight:
+            self.flushes_in_flight = 0
+            if self.fail_in_flight:
+                raise DatabaseError("database error while writing a flush: sent earlier")
         self.written.extend(u.seq for u in self.pending)
         self.pending.clear()
         self.run.flushes += 1

@@ -119,6 +119,25 @@ def test_a_database_error_in_the_writer_stops_the_feeder_and_is_raised() -> None
     assert sink.written == []  # a failing database is not flushed again after the error
 
 
+def test_a_flush_that_failed_in_flight_stops_the_run_while_the_writer_waits_for_rows() -> None:
+    # The sink writes flushes on its own thread; the writer, idle on an empty queue
+    # (slow scoring, or nothing left to read), settles them within DB_FLUSH_INTERVAL
+    # rather than at the next flush, which may never come.
+    sink = FakeSink()
+    stop = StopSignal()
+    flow = make_flow(FakeClient(), sink, stop=stop)
+    flow.start()
+    flow.begin(OBJ, 1, None, 1)
+    sink.flushes_in_flight, sink.fail_in_flight = 1, True
+    deadline = time.monotonic() + 5
+    while not stop.is_set():
+        assert time.monotonic() < deadline, "the failed flush was never settled"
+        time.sleep(0.01)
+    assert isinstance(stop.error, DatabaseError)
+    with pytest.raises(DatabaseError, match="sent earlier"):
+        flow.finish()
+
+
 def test_the_queue_bounds_what_is_read_ahead_of_the_writer() -> None:
     gate = threading.Event()
     client = FakeClient(delay=lambda ids: 0.0 if gate.is_set() else 0.02)
