@@ -141,14 +141,17 @@ def test_a_worker_killed_mid_object_is_taken_over_by_the_survivors(
     flush: int,
 ) -> None:
     # The worker dies right after its first or second flush: in the middle of its first
-    # object (250 rows, flushes of 100), however few objects the others leave it. (A
-    # later flush, up to the 12th, was drawn at random before: once runs got faster,
-    # the others sometimes left it fewer flushes than that, and it finished alive.)
-    procs = [
-        worker(env, "night-k", 0),
-        worker(env, "night-k", 1, BATCH_PIPELINE_FAILPOINTS=f"after_flush:{flush}"),
-        worker(env, "night-k", 2),
-    ]
+    # object (250 rows, flushes of 100). It starts first and the others once it holds
+    # an object, so that they cannot leave it none. (Started together, a faster run of
+    # the others sometimes did, and it finished alive; a later flush, up to the 12th,
+    # was drawn at random before, for the same reason.)
+    doomed = worker(env, "night-k", 1, BATCH_PIPELINE_FAILPOINTS=f"after_flush:{flush}")
+    holding = (
+        "SELECT count(*) FROM source_objects s JOIN pipeline_runs r USING (run_id)"
+        " WHERE r.worker_index = 1"
+    )
+    wait_for(lambda: doomed.poll() is not None or database.value(holding) > 0)
+    procs = [worker(env, "night-k", 0), doomed, worker(env, "night-k", 2)]
     results = finish(procs)
     assert results[1][0] == -signal.SIGKILL
     assert all(code in (0, 3) for code, _ in (results[0], results[2])), results
