@@ -246,12 +246,7 @@ class Writer(threading.Thread):
             if isinstance(item, _Unit):
                 item.future.cancel()
             elif isinstance(item, _End):
-                try:
-                    item.release()
-                except PipelineError as exc:
-                    # The database has most likely stopped the run: a lock held by a
-                    # lost connection went with it, and there is nothing to release.
-                    log.warning("could not release %s after the stop: %s", item.obj.uri, exc)
+                item.release()
 
     def _log_chunk(self, unit: WorkUnit, result: ScoreResult) -> None:
         self._chunk_counts.add(unit.counts(result))

@@ -202,6 +202,23 @@ class Supervised:
                 lambda: action(self.connection()), doing, self.window, on_retry=self.drop
             )
 
+    def run_in_session(
+        self, doing: str, action: Callable[[psycopg.Connection[Any]], object]
+    ) -> bool:
+        """Run `action` on the current connection only: for what lives in its session
+        (an advisory lock), which a new connection would not have. No reconnect, no
+        retry; False when the session is gone (the server ended it with its state)."""
+        with self.lock:
+            if self._conn is None or self._conn.closed:
+                return False
+            try:
+                with classified(doing):
+                    action(self._conn)
+            except TransientDatabaseError:
+                self.drop()
+                return False
+            return True
+
     def connection(self) -> psycopg.Connection[Any]:
         with self.lock:
             if self._conn is None or self._conn.closed:

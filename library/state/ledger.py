@@ -420,7 +420,9 @@ class Ledger:
         key = object_lock_key(obj)
         if self._held.pop(key, None) is None:
             return  # never held, or lost with a connection: nothing to release
-        self.db.run("releasing an object", lambda conn: conn.execute(_UNLOCK, (key,)))
+        # The lock lives in the connection's session: a lost connection took it with it,
+        # and a new one (which takes back only the locks still held) never had it.
+        self.db.run_in_session("releasing an object", lambda conn: conn.execute(_UNLOCK, (key,)))
 
     def mark_lost(self, obj: SourceObject) -> None:
         """Another run claimed the object since this one did (a flush was refused)."""

@@ -138,32 +138,6 @@ def test_a_flush_that_failed_in_flight_stops_the_run_while_the_writer_waits_for_
         flow.finish()
 
 
-def test_an_object_queued_behind_a_database_error_is_released_without_breaking_the_writer(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The database is gone: the write fails, and releasing the object queued behind
-    # it (its lock) fails too. That must not escape the writer's thread as a traceback
-    # on stderr: the run's error is the write's.
-    escaped: list[BaseException | None] = []
-    monkeypatch.setattr(threading, "excepthook", lambda args: escaped.append(args.exc_value))
-    released: list[bool] = []
-
-    def release() -> None:
-        released.append(True)
-        raise DatabaseError("database error while releasing an object: the database is gone")
-
-    sink = FakeSink(fail_on_add=0)
-    flow = make_flow(FakeClient(delay=lambda ids: 0.2), sink)
-    flow.start()
-    flow.begin(OBJ, 1, None, 1)
-    flow.feed(chunk(0, 10))
-    flow.end(OBJ, None, release)  # queued while the unit before it is still scoring
-    with pytest.raises(DatabaseError, match="the test says so"):
-        flow.finish()
-    assert released == [True]
-    assert escaped == []
-
-
 def test_the_queue_bounds_what_is_read_ahead_of_the_writer() -> None:
     gate = threading.Event()
     client = FakeClient(delay=lambda ids: 0.0 if gate.is_set() else 0.02)

@@ -64,6 +64,29 @@ def test_a_claim_is_new_then_locked_for_others_then_resumed_with_a_new_fence(
     assert resumed.prior is not None and resumed.prior.read == 0
 
 
+def test_releasing_after_the_connection_was_lost_neither_reconnects_nor_raises(
+    ledgers: Callable[[], Ledger], database: Database
+) -> None:
+    # The lock lived in the lost session and went with it. Releasing it through a new
+    # connection would wait out DB_RETRY_TIMEOUT when the server is gone (it did, after
+    # a stop, and then raised from the writer's thread).
+    one, two = ledgers(), ledgers()
+    run_one = one.start_run(NOON, "s3://bucket/in/", {})
+    run_two = two.start_run(NOON, "s3://bucket/in/", {})
+    assert one.claim(run_one, OBJ).status == "new"
+    sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s"
+    assert database.value(sessions, (f"batch-pipeline {run_one} %",)) == 1
+    database.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE %s",
+        (f"batch-pipeline {run_one} %",),
+    )
+    one.release(OBJ)
+    assert (
+        database.value(sessions, (f"batch-pipeline {run_one} %",)) == 0
+    )  # no new connection for it
+    assert two.claim(run_two, OBJ).status == "resume"  # the lock is free
+
+
 def test_a_completed_object_is_skipped_unless_reprocessed_and_a_new_version_is_new(
     ledgers: Callable[[], Ledger], database: Database
 ) -> None:
