@@ -231,7 +231,6 @@ class InFlight:
 
     batch: PreparedFlush
     buffer: FlushBuffer  # its units: written again without a lost object's rows if refused
-    run_dirty: bool
     written: Future[tuple[float, float]]  # seconds writing it, and in its last transaction
     prepared_seconds: float  # building it, on the writer's thread
 
@@ -427,12 +426,12 @@ class Sink:
                 return  # a refused flush was written again, with this buffer
         began = time.perf_counter()
         buffer, self._buffer = self._buffer, FlushBuffer()
-        run_dirty, self._run_dirty = self._run_dirty, False
+        self._run_dirty = False
         batch = PreparedFlush.build(buffer, self._version_seen, self.run.objects_skipped)
         self._version_seen = batch.model_version
         written = self._writes.submit(self._write_and_account, batch)
         prepared = time.perf_counter() - began
-        self._in_flight.append(InFlight(batch, buffer, run_dirty, written, prepared))
+        self._in_flight.append(InFlight(batch, buffer, written, prepared))
 
     def _settle_all(self) -> None:
         while self._in_flight:
@@ -453,9 +452,9 @@ class Sink:
             refused = FlushBuffer()
             for f in [flight, *self._drain_in_flight()]:
                 refused.extend(f.buffer)
-                self._run_dirty = self._run_dirty or f.run_dirty
             refused.extend(self._buffer)
             self._buffer = refused
+            self._run_dirty = True  # the run's counts too (they are set, never added)
             self._refused = False
             self._forget_lost_objects(flight.batch)
             self.flush()  # may find another claim lost, and drop that object too
